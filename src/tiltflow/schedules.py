@@ -252,7 +252,7 @@ class VPDiscrete(Schedule):
 
     def _segment(self, t):
         knots = self._knots_t.to(t.device)
-        k = torch.clamp(torch.searchsorted(knots, t.detach().to(torch.float64)) - 1, 0, self.num_steps - 1)
+        k = torch.clamp(torch.searchsorted(knots, t.detach().to(torch.float64).contiguous()) - 1, 0, self.num_steps - 1)
         return k
 
     def _log_alpha_and_slope(self, t):
@@ -283,7 +283,7 @@ class VPDiscrete(Schedule):
         lam = _as_tensor(lam)
         la = (-0.5 * F.softplus(-lam.to(torch.float64))).to(lam.device)
         kla = -self._knots_la.to(lam.device)  # increasing
-        k = torch.clamp(torch.searchsorted(kla, -la) - 1, 0, self.num_steps - 1)
+        k = torch.clamp(torch.searchsorted(kla, (-la).contiguous()) - 1, 0, self.num_steps - 1)
         kt = self._knots_t.to(lam.device)
         frac = (-la - kla[k]) / (kla[k + 1] - kla[k])
         return (kt[k] + frac * (kt[k + 1] - kt[k])).clamp(0, 1).to(lam.dtype)
@@ -400,6 +400,9 @@ def get_schedule(spec) -> Schedule:
         return VPDiscrete.linear(**spec)
     if name == "vp_discrete_scaled_linear":
         return VPDiscrete.scaled_linear(**spec)
+    if name == "vp_discrete" and "alphas_cumprod" not in spec:
+        raise ValueError("vp_discrete needs alphas_cumprod=[...]; or use vp_discrete_linear / "
+                         "vp_discrete_scaled_linear")
     if name not in _SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {available()}")
     return _SCHEDULES[name](**spec)

@@ -1,0 +1,95 @@
+"""Samplers: a registry of stateless solvers and the one entry point :func:`sample`.
+
+>>> x = tiltflow.sample(den, torch.randn(16, 2), solver="heun", nfe=9)
+>>> tiltflow.solvers.available()
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import grids, guidance, ode, sde  # noqa: F401  (registers the solvers)
+from .guidance import ClassifierFree
+from .registry import StepRecord, available, get, register
+
+__all__ = ["sample", "solve", "available", "get", "register", "StepRecord", "ClassifierFree",
+           "grids"]
+
+
+def _check_grid(grid) -> torch.Tensor:
+    grid = torch.as_tensor(grid, dtype=torch.float64).flatten().cpu()
+    if grid.numel() < 2:
+        raise ValueError("a time grid needs at least 2 points (one step)")
+    if not bool(((grid >= 0) & (grid <= 1)).all()) or not bool((grid[1:] < grid[:-1]).all()):
+        raise ValueError("a time grid must be strictly decreasing within [0, 1]")
+    return grid
+
+
+def _check_options(info, options: dict | None) -> dict:
+    options = dict(options or {})
+    unknown = set(options) - set(info.options())
+    if unknown:
+        raise ValueError(
+            f"solver {info.name!r} has no option(s) {sorted(unknown)}; its options: {info.options()}"
+        )
+    return options
+
+
+def _check_cond(cond, batch: int):
+    if cond is not None and (not torch.is_tensor(cond) or cond.shape[:1] != (batch,)):
+        shape = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
+        raise ValueError(f"cond must be a tensor with leading dim {batch} (the batch), got {shape}")
+
+
+def solve(denoiser, x_init, grid, solver: str = "euler", *, cond=None, guidance=None,
+          generator=None, record=None, options=None):
+    """Run a registered solver on an explicit grid from the state ``x_init`` at ``grid[0]``."""
+    info = get(solver)
+    grid = _check_grid(grid)
+    _check_cond(cond, x_init.shape[0])
+    return info.fn(denoiser, x_init, grid, cond=cond, guidance=guidance, generator=generator,
+                   record=record, **_check_options(info, options))
+
+
+def sample(
+    denoiser,
+    noise: torch.Tensor,
+    solver: str = "euler",
+    nfe: int | None = None,
+    *,
+    steps: int | None = None,
+    grid: str | torch.Tensor = "uniform",
+    grid_options: dict | None = None,
+    cond=None,
+    guidance=None,
+    generator: torch.Generator | None = None,
+    record: list | None = None,
+    options: dict | None = None,
+    grad: bool = False,
+) -> torch.Tensor:
+    """Draw samples: integrate from standard-normal ``noise`` at t = grid[0] down to t = 0.
+
+    Give exactly one of ``nfe`` (the exact number of network evaluations; classifier-free
+    guidance batches its two branches into one call) or ``steps``. ``grid`` is a name from
+    :func:`grids.available` or an explicit decreasing tensor of times. ``guidance`` is a CFG
+    scale ``w`` (``eps_c + w (eps_c - eps_u)``) or a guidance object. Solver-specific settings
+    go in ``options`` (e.g. ``{"eta": 0.5}`` for ddim). Runs under ``torch.no_grad()`` unless
+    ``grad=True``.
+    """
+    if not torch.is_tensor(noise) or not noise.is_floating_point() or noise.dim() < 2:
+        raise ValueError("noise must be a float tensor of shape [B, ...] (batch first)")
+    info = get(solver)
+    if (nfe is None) == (steps is None):
+        raise ValueError("give exactly one of nfe= or steps=")
+    if isinstance(grid, str):
+        n = info.steps_for_nfe(int(nfe)) if nfe is not None else int(steps)
+        t_grid = grids.get_grid(grid, n, denoiser.schedule, **(grid_options or {}))
+    else:
+        t_grid = _check_grid(grid)
+        if nfe is not None and info.nfe(len(t_grid) - 1, bool(t_grid[-1] == 0)) != nfe:
+            raise ValueError(f"the given grid costs {info.nfe(len(t_grid) - 1)} evaluations with "
+                             f"{solver!r}, not nfe={nfe}")
+    sigma_start = float(denoiser.schedule(t_grid[:1]).sigma)
+    with torch.set_grad_enabled(grad):
+        return solve(denoiser, sigma_start * noise, t_grid, solver, cond=cond, guidance=guidance,
+                     generator=generator, record=record, options=options)

@@ -1,0 +1,135 @@
+"""The solver registry and the pieces every solver shares.
+
+A solver is a stateless function with one signature::
+
+    solve(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
+          **its_own_keyword_options) -> x
+
+``grid`` is a float64 tensor of decreasing times (see :mod:`.grids`); ``x_init`` is the state
+at ``grid[0]``. Each entry declares how many network evaluations a grid of n steps costs, so
+``tiltflow.sample(..., nfe=N)`` can pick the number of steps that spends exactly N.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..predictions import Prediction
+
+__all__ = ["SolverInfo", "register", "get", "available", "StepRecord", "Predictor"]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    name: str
+    fn: Callable
+    order: int  # convergence order of the ODE solvers; 1 for weak order of SDE solvers
+    stochastic: bool
+    evals_per_step: int  # network evaluations per step (before savings below)
+    skips_last_eval: bool = False  # the final step to sigma = 0 needs one evaluation less
+    description: str = ""
+
+    def nfe(self, steps: int, ends_clean: bool = True) -> int:
+        return self.evals_per_step * steps - (1 if self.skips_last_eval and ends_clean else 0)
+
+    def steps_for_nfe(self, nfe: int) -> int:
+        """Steps that spend exactly ``nfe`` evaluations on a grid ending at t = 0."""
+        extra = 1 if self.skips_last_eval else 0
+        steps, rem = divmod(nfe + extra, self.evals_per_step)
+        if nfe < 1 or rem or steps < 1:
+            valid = [self.nfe(s) for s in range(1, 6)]
+            raise ValueError(
+                f"solver {self.name!r} cannot spend exactly nfe={nfe} evaluations "
+                f"({self.evals_per_step} per step{', one less on the last' if extra else ''}); "
+                f"valid values start {valid}"
+            )
+        return steps
+
+    def options(self) -> list[str]:
+        params = inspect.signature(self.fn).parameters
+        fixed = {"denoiser", "x_init", "grid", "cond", "guidance", "generator", "record"}
+        return [p for p in params if p not in fixed]
+
+
+_REGISTRY: dict[str, SolverInfo] = {}
+
+
+def register(name, *, order, stochastic=False, evals_per_step=1, skips_last_eval=False):
+    """Decorator adding a solver function to the registry under ``name``."""
+
+    def deco(fn):
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = SolverInfo(
+            name, fn, order, stochastic, evals_per_step, skips_last_eval, doc[0] if doc else ""
+        )
+        return fn
+
+    return deco
+
+
+def get(name: str) -> SolverInfo:
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown solver {name!r}{hint}; available: {available()}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@dataclass
+class StepRecord:
+    """One solver step, appended to ``record`` when a list is passed. For stochastic steps
+    ``mean``/``std`` describe the Gaussian transition ``x_next ~ N(mean, std^2 I)`` and
+    ``log_prob`` is its log-density at ``x_next`` (summed over dimensions) — what policy-
+    gradient fine-tuning needs."""
+
+    t: float
+    t_next: float
+    x: torch.Tensor
+    x_next: torch.Tensor
+    data: torch.Tensor
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    log_prob: torch.Tensor | None = None
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, diag(std^2)) summed over all but the batch dimension; ``std`` broadcasts
+    against ``x``."""
+    std = std.expand_as(x)
+    z = (x - mean) / std
+    lp = -0.5 * z**2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).sum(1)
+
+
+class Predictor:
+    """Evaluates the (possibly guided) denoiser at ``(x, t)`` and counts evaluations.
+
+    Solvers get times as float64 scalars from the precomputed grid; this turns one into the
+    ``[B]`` tensor the denoiser expects without a device sync.
+    """
+
+    def __init__(self, denoiser, cond=None, guidance=None):
+        from .guidance import as_guidance
+
+        self.denoiser = denoiser
+        self.cond = cond
+        self.guidance = as_guidance(guidance)
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
+        self.calls += 1
+        t = t.expand(x.shape[0])
+        if self.guidance is None:
+            return self.denoiser(x, t, self.cond)
+        return self.guidance(self.denoiser, x, t, self.cond)
