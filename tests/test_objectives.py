@@ -89,7 +89,9 @@ def mc_check(loss, expected, z=Z):
     loss = loss.detach().double()
     assert loss.shape == (B,)
     mean, se = float(loss.mean()), float(loss.std()) / math.sqrt(loss.numel())
-    assert abs(mean - expected) <= z * se, f"MC mean {mean:.5f} vs analytic {expected:.5f} (SE {se:.2e})"
+    assert abs(mean - expected) <= z * se, (
+        f"MC mean {mean:.5f} vs analytic {expected:.5f} (SE {se:.2e})"
+    )
     return mean, se
 
 
@@ -159,7 +161,9 @@ def fm_expected(schedule, density, target="velocity", eps=1e-5):
 
     # t is clamped to [eps, 1 - eps]: the clamped mass sits at the ends
     mass_lo, mass_hi = quad(density, 0, eps), quad(density, 1 - eps, 1)
-    return quad(lambda t: density(t) * at(t), eps, 1 - eps) + mass_lo * at(eps) + mass_hi * at(1 - eps)
+    return (
+        quad(lambda t: density(t) * at(t), eps, 1 - eps) + mass_lo * at(eps) + mass_hi * at(1 - eps)
+    )
 
 
 # independent formulas for the SD3 time densities (not the module's)
@@ -191,7 +195,10 @@ def mode_pdf(s):
         ({"name": "ddpm"}, schedules.VPLinear()),
         ({"name": "ddpm"}, schedules.Cosine()),
         ({"name": "ddpm"}, schedules.VPDiscrete.linear()),
-        ({"name": "ddpm", "weighting": "elbo", "t_min": 0.01, "t_max": 0.99}, schedules.RectifiedFlow()),
+        (
+            {"name": "ddpm", "weighting": "elbo", "t_min": 0.01, "t_max": 0.99},
+            schedules.RectifiedFlow(),
+        ),
         ({"name": "ddpm", "weighting": "elbo", "t_min": 0.01}, schedules.VPLinear()),
         ({"name": "ddpm", "weighting": "elbo"}, schedules.VPDiscrete.linear()),
     ],
@@ -280,8 +287,11 @@ def test_edm_exact_minimum(setting):
     mc_check(loss, edm_expected(obj, sd))
 
 
-@pytest.mark.parametrize("schedule", [schedules.Cosine(), schedules.RectifiedFlow(), schedules.VE(0.05, 5.0)],
-                         ids=["cosine", "rf", "ve"])
+@pytest.mark.parametrize(
+    "schedule",
+    [schedules.Cosine(), schedules.RectifiedFlow(), schedules.VE(0.05, 5.0)],
+    ids=["cosine", "rf", "ve"],
+)
 def test_flow_matching_exact_minimum(schedule):
     obj = objectives.get("flow_matching")
     loss = obj(exact_denoiser(schedule), data_batch(), torch.Generator().manual_seed(5))
@@ -316,7 +326,9 @@ def test_exact_minimum_with_analytic_module():
         pytest.skip(f"tiltflow.analytic not usable: {err}")
     obj = objectives.get("rectified_flow")
     a = obj(theirs, data_batch(), torch.Generator().manual_seed(7))
-    b = obj(exact_denoiser(schedules.RectifiedFlow()), data_batch(), torch.Generator().manual_seed(7))
+    b = obj(
+        exact_denoiser(schedules.RectifiedFlow()), data_batch(), torch.Generator().manual_seed(7)
+    )
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
@@ -338,7 +350,9 @@ def test_perturbed_denoiser_has_larger_loss(spec, schedule):
     obj = objectives.get(spec)
     batch = data_batch(20_000)
     exact = obj(exact_denoiser(schedule), batch, torch.Generator().manual_seed(8))
-    worse = obj(exact_denoiser(schedule, shift=[0.5, -0.5]), batch, torch.Generator().manual_seed(8))
+    worse = obj(
+        exact_denoiser(schedule, shift=[0.5, -0.5]), batch, torch.Generator().manual_seed(8)
+    )
     diff = (worse - exact).detach()  # paired: same draws
     se = float(diff.std()) / math.sqrt(diff.numel())
     assert float(diff.mean()) > Z * se
@@ -352,7 +366,10 @@ KS_CRIT = 1.95  # sqrt(n) D_n exceeds 1.95 with probability 0.001 (Kolmogorov di
     "spec, cdf",
     [
         ("uniform", lambda t: t),
-        ({"name": "logit_normal", "m": 0.5, "s": 0.6}, lambda t: ss.norm.cdf((math.log(t / (1 - t)) - 0.5) / 0.6)),
+        (
+            {"name": "logit_normal", "m": 0.5, "s": 0.6},
+            lambda t: ss.norm.cdf((math.log(t / (1 - t)) - 0.5) / 0.6),
+        ),
         ({"name": "mode", "s": 1.29}, mode_cdf(1.29)),
         ({"name": "mode", "s": -0.8}, mode_cdf(-0.8)),
     ],
@@ -488,14 +505,20 @@ def test_label_dropout_rate(p):
 
 CONFIGS = [
     ("ddpm", schedules.VPLinear()),
-    ({"name": "ddpm", "weighting": "elbo", "t_min": 0.01, "label_dropout": 0.1}, schedules.Cosine()),
+    (
+        {"name": "ddpm", "weighting": "elbo", "t_min": 0.01, "label_dropout": 0.1},
+        schedules.Cosine(),
+    ),
     ({"name": "ncsn", "num_levels": None}, schedules.VE()),
     ({"name": "ssm", "num_projections": 2, "projection": "rademacher"}, schedules.Cosine()),
     ({"name": "edm", "p_mean": -1.0, "sigma_data": 0.7, "reduction": "sum"}, schedules.EDM()),
     ({"name": "flow_matching", "coupling": "minibatch_ot"}, schedules.Cosine()),
     (
-        {"name": "rectified_flow", "time_sampling": {"name": "logit_normal", "m": 0.2, "s": 1.1},
-         "coupling": {"name": "sinkhorn", "reg": 0.2}},
+        {
+            "name": "rectified_flow",
+            "time_sampling": {"name": "logit_normal", "m": 0.2, "s": 1.1},
+            "coupling": {"name": "sinkhorn", "reg": 0.2},
+        },
         schedules.RectifiedFlow(),
     ),
 ]
@@ -519,7 +542,9 @@ def test_config_round_trip_and_reproducible(spec, schedule):
 class TinyNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(D + 1, 32), torch.nn.SiLU(), torch.nn.Linear(32, D))
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(D + 1, 32), torch.nn.SiLU(), torch.nn.Linear(32, D)
+        )
         self.embed = torch.nn.Embedding(4, D + 1)
 
     def forward(self, x, t, cond):
@@ -584,4 +609,11 @@ def test_bad_arguments_raise_clear_errors():
         )
     with pytest.raises(ValueError, match="same shape"):
         couplings.minibatch_ot(torch.zeros(3, 2), torch.zeros(4, 2))
-    assert set(objectives.available()) == {"ddpm", "ncsn", "ssm", "edm", "flow_matching", "rectified_flow"}
+    assert set(objectives.available()) == {
+        "ddpm",
+        "ncsn",
+        "ssm",
+        "edm",
+        "flow_matching",
+        "rectified_flow",
+    }

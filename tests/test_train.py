@@ -307,7 +307,7 @@ def test_two_process_run_matches_single_process(tmp_path):
 # -- quality -----------------------------------------------------------------------------------
 
 def test_flow_matching_mlp_reaches_noise_floor_on_eight_gaussians(tmp_path):
-    """A flow-matching MLP on eight_gaussians: sliced W2 of 2,000 samples (Heun, 64 NFE from
+    """A flow-matching MLP on eight_gaussians: sliced W2 of 2,000 samples (Heun, 32 steps from
     the EMA) within 2x the noise floor of 2,000 exact samples."""
     analytic = pytest.importorskip("tiltflow.analytic")
     metrics = pytest.importorskip("tiltflow.metrics")
@@ -327,7 +327,7 @@ def test_flow_matching_mlp_reaches_noise_floor_on_eight_gaussians(tmp_path):
     train_s = time.time() - t0
     n = 2000
     noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
-    samples = tiltflow.sample(result.ema, noise, solver="heun", nfe=64)
+    samples = tiltflow.sample(result.ema, noise, solver="heun", steps=32)
     sw2 = metrics.sliced_w2(samples, gmm.sample(n, generator=torch.Generator().manual_seed(2)))
     floor = metrics.noise_floor("sw2", lambda k, g: gmm.sample(k, generator=g), n).mean
     print(f"\nquality: sw2={sw2:.4f} floor={floor:.4f} ratio={sw2 / floor:.2f} "
