@@ -50,7 +50,7 @@ def _equal_nested(a, b):
             _equal_nested(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(
-            _equal_nested(x, y) for x, y in zip(a, b))
+            _equal_nested(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -97,7 +97,7 @@ def test_round_trip_model_ema_optimizer_rng(tmp_path):
     for n, o in ((net, opt), (net2, opt2)):
         n(x).square().mean().backward()
         o.step()
-    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters(), strict=True))
 
 
 def test_tied_weights_and_nested_structures(tmp_path):
@@ -109,7 +109,8 @@ def test_tied_weights_and_nested_structures(tmp_path):
     json.dumps(skeleton)  # JSON-able
     back = ck.unflatten_state(json.loads(json.dumps(skeleton)), tensors)
     assert back["groups"][0]["betas"] == (0.9, 0.99) and back["groups"][0]["none"] is None
-    assert np.isnan(back["groups"][0]["nan"]) and torch.equal(back["state"][0]["x"], torch.arange(3))
+    assert np.isnan(back["groups"][0]["nan"])
+    assert torch.equal(back["state"][0]["x"], torch.arange(3))
     assert set(back["state"]) == {0, 1}
     ck.save_checkpoint(tmp_path, 1, model=tied)
     loaded = ck.load_checkpoint(tmp_path / "step_000001")

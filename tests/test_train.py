@@ -59,7 +59,7 @@ def _same_nested(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same_nested(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same_nested(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same_nested(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -91,7 +91,7 @@ def test_resume_is_bit_exact(tmp_path):
     assert resumed.step == 2 * n and resumed.first_step == n + 1
     _assert_same_checkpoint(full.checkpoint, resumed.checkpoint)
     assert full.losses[n:] == resumed.losses  # the same per-step losses after the resume
-    for p, q in zip(full.ema.parameters(), resumed.ema.parameters()):
+    for p, q in zip(full.ema.parameters(), resumed.ema.parameters(), strict=True):
         assert torch.equal(p, q)
     # resume from an explicit step directory works too
     again = train(helper.make_model(seed=7, dropout=0.1), helper.flow_matching_loss, data,
@@ -229,16 +229,16 @@ def test_ema_update_formula(tmp_path):
     start = [q.detach().clone() for q in model.net.parameters()]
 
     def record(info):
-        seen.append(([q.detach().clone() for q in info.model.net.parameters()],
-                     [q.detach().clone() for q in info.ema.net.parameters()]))
+        seen.append(([q.detach().cpu().clone() for q in info.model.net.parameters()],
+                     [q.detach().cpu().clone() for q in info.ema.net.parameters()]))
 
     cfg = _cfg(tmp_path, steps=4, sample_every=1, ema_decay=0.5)
     train(model, helper.flow_matching_loss, helper.make_data(50), cfg, callbacks=[record])
     ema = start
     for k, (params, ema_k) in enumerate(seen, start=1):
         d = ema_decay_at(k, cfg)
-        ema = [d * a + (1 - d) * b for a, b in zip(ema, params)]
-        for a, b in zip(ema, ema_k):
+        ema = [d * a + (1 - d) * b for a, b in zip(ema, params, strict=True)]
+        for a, b in zip(ema, ema_k, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -246,8 +246,8 @@ def test_callbacks_write_grids_without_changing_the_run(tmp_path):
     data = helper.make_data(60)
 
     def draw(info):  # uses the global RNG on purpose
-        x = torch.randn(64, 2)
-        return info.ema(x, torch.full((64,), 0.5)).data
+        x = torch.randn(64, 2).to(next(info.ema.parameters()).device)
+        return info.ema(x, torch.full((64,), 0.5, device=x.device)).data
 
     images = grid_callback(lambda info: torch.rand(4, 1, 8, 8) * 2 - 1, name="img")
     with_cb = train(helper.make_model(dropout=0.1), helper.flow_matching_loss, data,
@@ -301,7 +301,7 @@ def test_two_process_run_matches_single_process(tmp_path):
     single = train(helper.make_model(), helper.deterministic_loss, helper.make_data(),
                    _cfg(tmp_path / "single", steps=20, ckpt_every=10))
     for k, v in single.model.net.state_dict().items():
-        torch.testing.assert_close(r0[k], v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r0[k], v.cpu(), rtol=1e-5, atol=1e-6)
 
 
 # -- quality -----------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class Report:
         parts.append("</body></html>")
         path = self.out_dir / name
         _atomic_write(path, "\n".join(parts))
-        tables = {s.title: [dict(zip(h, r)) for h, rows in s.tables for r in rows]
+        tables = {s.title: [dict(zip(h, r, strict=True)) for h, rows in s.tables for r in rows]
                   for s in self.sections}
         _atomic_write(path.with_suffix(".json"), json.dumps(tables, indent=1, default=str))
         return path

@@ -252,8 +252,8 @@ class VPDiscrete(Schedule):
 
     def _segment(self, t):
         knots = self._knots_t.to(t.device)
-        k = torch.clamp(torch.searchsorted(knots, t.detach().to(torch.float64).contiguous()) - 1, 0, self.num_steps - 1)
-        return k
+        t64 = t.detach().to(torch.float64).contiguous()
+        return torch.clamp(torch.searchsorted(knots, t64) - 1, 0, self.num_steps - 1)
 
     def _log_alpha_and_slope(self, t):
         k = self._segment(t)

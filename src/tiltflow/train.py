@@ -159,7 +159,7 @@ def ema_decay_at(step: int, cfg: TrainConfig) -> float:
 def ema_update(ema_params: Sequence[torch.Tensor], params: Sequence[torch.Tensor], decay: float):
     """``ema <- decay * ema + (1 - decay) * param``, in float32, as one fused ``lerp``."""
     src = [p.detach() if p.dtype == e.dtype else p.detach().to(e.dtype)
-           for e, p in zip(ema_params, params)]
+           for e, p in zip(ema_params, params, strict=True)]
     torch._foreach_lerp_(list(ema_params), src, 1.0 - decay)
 
 
@@ -398,6 +398,8 @@ def train(
     if ckpt is not None and ckpt.ema is not None:
         ema.net.load_state_dict(ckpt.ema)
     params = [p for p in net.parameters()]
+    if x_all.is_floating_point() and x_all.dtype != params[0].dtype:
+        x_all = x_all.to(params[0].dtype)  # e.g. float64 samples from tiltflow.analytic
     ema_params = [p for p in ema.net.parameters()]
 
     # Data lives on the device when it is small (2-D sets, digits); else moved per batch.
@@ -415,6 +417,17 @@ def train(
     if use_compile:
         run_net = torch.compile(run_net)
     check_grad = acc.mixed_precision != "fp16"  # fp16 loss scaling makes inf grads routine
+    # accelerate's per-step wrappers do nothing for plain DDP without a loss scaler, yet cost
+    # ~0.3 ms of Python per step (accelerate 1.x looks up installed packages in every
+    # backward()); call torch directly then, and keep accelerate's path for the rest (fp16
+    # scaler, FSDP, DeepSpeed, XLA).
+    from accelerate.utils import DistributedType
+
+    direct = acc.scaler is None and acc.distributed_type in (
+        DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    backward = (lambda loss: loss.backward()) if direct else acc.backward
+    clip = torch.nn.utils.clip_grad_norm_ if direct else acc.clip_grad_norm_
+    step_optimizer = getattr(optimizer, "optimizer", optimizer) if direct else optimizer
     train_config = _model_config(model, net, objective, cfg, world, meta)
 
     writer = pbar = None
@@ -437,6 +450,8 @@ def train(
     last_ckpt: Path | None = find_latest(run_dir) if ckpt is not None else None
     t_flush, step_flush = time.perf_counter(), step
     callbacks = list(callbacks or [])
+    if callbacks and not cfg.sample_every and is_main:
+        log.warning("note: callbacks were given but train.sample_every=0; they will not run")
 
     def flush(stop_local: bool) -> bool:
         """One device sync: read buffered losses/grad norms, check them, log. Returns whether
@@ -454,7 +469,7 @@ def train(
         loss_buf.clear()
         gn_buf.clear()
         start = step - n + 1
-        for i, (lv, gv) in enumerate(zip(ls, gs)):
+        for i, (lv, gv) in enumerate(zip(ls, gs, strict=True)):
             if not math.isfinite(lv) or (check_grad and not math.isfinite(gv)):
                 good = find_latest(run_dir)
                 what = "loss" if not math.isfinite(lv) else "gradient norm"
@@ -489,7 +504,7 @@ def train(
             per_rank = [state]
         path = None
         if is_main:
-            for b_ema, b in zip(ema.net.buffers(), net.buffers()):
+            for b_ema, b in zip(ema.net.buffers(), net.buffers(), strict=True):
                 b_ema.copy_(b)
             path = save_checkpoint(
                 run_dir, step, model=net, ema=ema.net, optimizer=optimizer,
@@ -520,13 +535,13 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss = objective(model, {"x": x, "cond": cond}, generator=gen).mean()
-                acc.backward(loss)
+                backward(loss)
                 if cfg.grad_clip > 0:
-                    gn = acc.clip_grad_norm_(params, cfg.grad_clip)
+                    gn = clip(params, cfg.grad_clip)
                 else:
                     gn = _total_norm(params)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                step_optimizer.step()
+                step_optimizer.zero_grad(set_to_none=True)
                 ema_update(ema_params, params, ema_decay_at(step, cfg))
                 loss_buf.append(loss.detach())
                 gn_buf.append(gn.detach() if torch.is_tensor(gn) else torch.tensor(gn))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import grids, guidance, ode, sde  # noqa: F401  (registers the solvers)
+from . import grids, ode, sde  # noqa: F401  (registers the solvers)
 from .guidance import ClassifierFree
 from .registry import StepRecord, available, get, register
 

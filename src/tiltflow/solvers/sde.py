@@ -12,6 +12,12 @@ def _randn_like(x, generator):
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def _record_step(record, grid, i, x, x_next, pred, mean, std):
+    """Append step ``i``'s Gaussian transition (``std=None``: a deterministic step)."""
+    lp = None if std is None else gaussian_log_prob(x_next, mean, std)
+    record.append(StepRecord(float(grid[i]), float(grid[i + 1]), x, x_next, pred.data, mean, std, lp))
+
+
 def _posterior_coefficients(denoiser, grid: torch.Tensor, eta: float):
     """Per step: (alpha', coefficient of eps_hat, noise std), in float64, before the loop.
 
@@ -47,9 +53,7 @@ def posterior_steps(denoiser, x_init, grid, eta, cond, guidance, generator, reco
         mean = a_next[i] * pred.data + eps_coef[i] * pred.noise
         x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
         if record is not None:
-            lp = gaussian_log_prob(x_next, mean, stds[i]) if std_list[i] > 0 else None
-            record.append(StepRecord(float(grid[i]), float(grid[i + 1]), x, x_next, pred.data,
-                                     mean, stds[i] if std_list[i] > 0 else None, lp))
+            _record_step(record, grid, i, x, x_next, pred, mean, stds[i] if std_list[i] > 0 else None)
         x = x_next
     return x
 
@@ -92,8 +96,6 @@ def euler_maruyama(denoiser, x_init, grid, *, cond=None, guidance=None, generato
         mean = x + dt * (pred.velocity - half_g2[i] * pred.score)
         x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
         if record is not None:
-            lp = gaussian_log_prob(x_next, mean, stds[i]) if std_list[i] > 0 else None
-            record.append(StepRecord(float(grid[i]), float(grid[i + 1]), x, x_next, pred.data,
-                                     mean, stds[i] if std_list[i] > 0 else None, lp))
+            _record_step(record, grid, i, x, x_next, pred, mean, stds[i] if std_list[i] > 0 else None)
         x = x_next
     return x

@@ -1,0 +1,87 @@
+"""The command line: an end-to-end train -> sample run, and bad input for every command."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tiltflow.cli import main
+
+TINY = ["data=eight_gaussians", "data.n=512", "model.hidden=32", "model.depth=1",
+        "train.steps=6", "train.batch_size=64", "train.log_every=2", "train.ckpt_every=3",
+        "train.warmup_steps=0"]
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", *TINY, f"train.out_dir={out}"]) == 0
+    return out
+
+
+def test_train_then_sample(trained_run, tmp_path, capsys):
+    prefix = tmp_path / "s"
+    code, out, err = run(["sample", str(trained_run), "--solver", "euler", "--nfe", "4",
+                          "--num", "10", "--out", str(prefix)], capsys)
+    assert code == 0, err
+    x = np.load(prefix.with_suffix(".npy"))
+    assert x.shape == (10, 2) and np.isfinite(x).all()
+    assert prefix.with_suffix(".png").exists()
+
+
+def test_train_resume_continues(trained_run, capsys):
+    code, out, err = run(["train", *TINY, "train.steps=9", f"train.out_dir={trained_run}",
+                          "--resume"], capsys)
+    assert code == 0, err
+    assert "trained 9 steps" in out
+
+
+def test_list_solvers(capsys):
+    code, out, _ = run(["sample", "x", "--list-solvers"], capsys)
+    assert code == 0 and "heun" in out and "ddpm" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "/no/such.yaml"], "not found"),
+    (["train", "train.lr=-1"], "train.lr"),
+    (["train", "train.stepz=3"], "train.steps"),
+    (["train", "data=/no/such/folder"], "no such dataset or file"),
+    (["train", "data=mnist"], "mnist"),
+    (["train", "model.name=resnet"], "resnet"),
+    (["train", "objective=dpo"], "dpo"),
+    (["sample", "/no/such/run"], "/no/such/run"),
+    (["bench", "nosuchsuite"], "nosuchsuite"),
+])
+def test_bad_input_is_one_line_exit_2(args, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tiltflow: error:") and needle in lines[0], err
+    assert not any(tmp_path.iterdir()), "a failed command must not leave files behind"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--solver", "eulr"], "did you mean 'euler'"),
+    (["--solver", "heun", "--nfe", "4"], "nfe=4"),
+    (["--num", "0"], "--num"),
+    (["--label", "3"], "unconditional"),
+    (["--guidance", "2"], "class-conditional"),
+])
+def test_sample_bad_arguments(trained_run, args, needle, capsys, tmp_path):
+    code, out, err = run(["sample", str(trained_run), "--out", str(tmp_path / "s"), *args], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_console_script_help():
+    res = subprocess.run([sys.executable, "-m", "tiltflow.cli", "--help"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and "train" in res.stdout and "sample" in res.stdout
