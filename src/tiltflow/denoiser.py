@@ -95,9 +95,11 @@ class Denoiser(nn.Module):
             raise ValueError("this denoiser's function takes no `cond`, but cond was given")
         return self.net(x, t)
 
-    def forward(self, x_t: torch.Tensor, t, cond=None) -> Prediction:
+    def forward(self, x_t: torch.Tensor, t, cond=None, coeffs: Coeffs | None = None) -> Prediction:
+        """Evaluate at ``(x_t, t)``. ``coeffs``: the schedule's coefficients at ``t`` if the
+        caller already has them (solvers pass precomputed scalars); computed otherwise."""
         t = as_time(t, x_t)
-        c = self.coeffs(t, x_t)
+        c = coeffs if coeffs is not None and not self.precondition else self.coeffs(t, x_t)
         if not self.precondition:
             out = self._call_net(x_t, t.to(x_t.dtype), cond)
             if out.shape != x_t.shape:
@@ -135,9 +137,9 @@ class ScheduleChange(Denoiser):
     def net(self):
         return self.base.net
 
-    def forward(self, x_t, t, cond=None) -> Prediction:
+    def forward(self, x_t, t, cond=None, coeffs: Coeffs | None = None) -> Prediction:
         t = as_time(t, x_t)
         s, scale = change_of_schedule(self.base.schedule, self.schedule, t)
         scale = scale.reshape((-1,) + (1,) * (x_t.dim() - 1)).to(x_t.dtype)
         inner = self.base(x_t / scale, s, cond)
-        return Prediction.from_hub(*inner.hub, x_t, self.coeffs(t, x_t))
+        return Prediction.from_hub(*inner.hub, x_t, coeffs if coeffs is not None else self.coeffs(t, x_t))

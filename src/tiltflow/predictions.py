@@ -14,6 +14,7 @@ Each is a linear function of ``(x, eps)`` given ``x_t``, so :func:`to_hub` and
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .schedules import Coeffs
@@ -74,6 +75,17 @@ def convert(out: torch.Tensor, src: str, dst: str, x_t: torch.Tensor, c: Coeffs)
     return from_hub(dst, *to_hub(src, out, x_t, c), c)
 
 
+def _linear_map(src: str, dst: str, c: Coeffs) -> tuple[float, float]:
+    """``(p, q)`` with ``dst = p * raw + q * x_t`` for a ``src`` prediction ``raw``: the hub
+    formulas evaluated on unit inputs, in numpy float64 (endpoint divisions give inf/nan)."""
+    one, zero = np.float64(1.0), np.float64(0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xr, er = to_hub(src, one, zero, c)  # hub pair per unit raw
+        xx, ex = to_hub(src, zero, one, c)  # hub pair per unit x_t
+        a, b = from_hub(dst, one, zero, c), from_hub(dst, zero, one, c)
+        return float(a * xr + b * er), float(a * xx + b * ex)
+
+
 class Prediction:
     """A denoiser's output at ``(x_t, t)``, readable as any kind.
 
@@ -96,7 +108,26 @@ class Prediction:
     def as_kind(self, kind: str) -> torch.Tensor:
         if kind == self.kind:
             return self.raw
+        if self._hub is None and self.coeffs.is_scalar:
+            # Every kind is linear in (raw, x_t): with scalar coefficients, two tensor ops.
+            p, q = _linear_map(self.kind, check_kind(kind), self.coeffs)
+            return torch.add(self.raw * p, self.x_t, alpha=q) if q else self.raw * p
         return from_hub(check_kind(kind), *self.hub, self.coeffs)
+
+    def combine(self, x_t: float = 0.0, **weights: float) -> torch.Tensor:
+        """``sum_k w_k * (kind k) + x_t * x_t``, e.g. ``combine(data=a, noise=s)`` for a DDIM step.
+
+        Every kind is linear in ``(raw, x_t)``, so with scalar coefficients the whole update
+        costs two tensor operations however many kinds it mixes."""
+        if self.coeffs.is_scalar and self._hub is None:
+            p_all, q_all = 0.0, float(x_t)
+            for kind, w in weights.items():
+                p, q = (1.0, 0.0) if kind == self.kind else _linear_map(self.kind, check_kind(kind),
+                                                                        self.coeffs)
+                p_all, q_all = p_all + w * p, q_all + w * q
+            return torch.add(self.raw * p_all, self.x_t, alpha=q_all) if q_all else self.raw * p_all
+        out = sum(w * self.as_kind(k) for k, w in weights.items())
+        return out + x_t * self.x_t if x_t else out
 
     data = property(lambda self: self.as_kind("data"), doc="E[x | x_t]")
     noise = property(lambda self: self.as_kind("noise"), doc="E[noise | x_t]")

@@ -37,15 +37,26 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Coeffs:
-    """``alpha(t)``, ``sigma(t)`` and their derivatives in t, each shaped like ``t``."""
+    """``alpha(t)``, ``sigma(t)`` and their derivatives in t, each shaped like ``t``.
 
-    alpha: torch.Tensor
-    sigma: torch.Tensor
-    d_alpha: torch.Tensor
-    d_sigma: torch.Tensor
+    Solvers, whose whole batch shares one time, use scalar coefficients instead
+    (:meth:`Schedule.scalars`): numpy float64 numbers, which multiply tensors directly and turn
+    a division by zero at an endpoint into inf instead of an exception.
+    """
+
+    alpha: torch.Tensor | float
+    sigma: torch.Tensor | float
+    d_alpha: torch.Tensor | float
+    d_sigma: torch.Tensor | float
+
+    @property
+    def is_scalar(self) -> bool:
+        return not torch.is_tensor(self.alpha)
 
     def expand(self, x: torch.Tensor) -> Coeffs:
         """Reshape ``[B]`` coefficients to broadcast against ``x`` of shape ``[B, ...]``."""
+        if self.is_scalar:
+            return self
         shape = (-1,) + (1,) * (x.dim() - 1)
         return Coeffs(*(c.reshape(shape).to(x.dtype) for c in self.as_tuple()))
 
@@ -73,6 +84,13 @@ class Schedule(abc.ABC):
     def __call__(self, t) -> Coeffs:
         t = _as_tensor(t)
         return Coeffs(self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t))
+
+    def scalars(self, times) -> list[Coeffs]:
+        """Scalar (numpy float64) coefficients at each of ``times``, computed in one float64
+        call: what a solver precomputes before its loop."""
+        c = self(torch.as_tensor(times, dtype=torch.float64).flatten().cpu())
+        cols = [v.numpy() for v in c.as_tuple()]
+        return [Coeffs(*(col[i] for col in cols)) for i in range(len(cols[0]))]
 
     # -- to override -------------------------------------------------------------------------
     @abc.abstractmethod

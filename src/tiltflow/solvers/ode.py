@@ -11,20 +11,16 @@ import torch
 from .registry import Predictor, StepRecord, register
 
 
-def _grid_on(grid: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return grid.to(device=x.device, dtype=torch.float64)
-
-
 @register("euler", order=1)
 def euler(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None):
     """Euler's method on the PF-ODE velocity in the schedule's own time t."""
-    predict = Predictor(denoiser, cond, guidance)
-    ts = _grid_on(grid, x_init)
+    predict = Predictor(denoiser, cond, guidance, times=grid)
+    ts = grid.tolist()
     dts = (grid[1:] - grid[:-1]).tolist()
     x = x_init
     for i, dt in enumerate(dts):
         pred = predict(x, ts[i])
-        x_next = x + dt * pred.velocity
+        x_next = torch.add(x, pred.velocity, alpha=dt)
         if record is not None:
             record.append(StepRecord(float(grid[i]), float(grid[i + 1]), x, x_next, pred.data))
         x = x_next
@@ -36,17 +32,17 @@ def heun(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, re
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1) in the schedule's time t: an
     Euler predictor, then the trapezoidal corrector; the corrector is skipped on a final step
     to t = 0, where the velocity of VP schedules is singular (so nfe = 2 * steps - 1)."""
-    predict = Predictor(denoiser, cond, guidance)
-    ts = _grid_on(grid, x_init)
+    predict = Predictor(denoiser, cond, guidance, times=grid)
+    ts = grid.tolist()
     dts = (grid[1:] - grid[:-1]).tolist()
     correct = (grid[1:] > 0).tolist()
     x = x_init
     for i, dt in enumerate(dts):
         pred = predict(x, ts[i])
         v = pred.velocity
-        x_next = x + dt * v
+        x_next = torch.add(x, v, alpha=dt)
         if correct[i]:
-            x_next = x + dt * 0.5 * (v + predict(x_next, ts[i + 1]).velocity)
+            x_next = torch.add(x, v + predict(x_next, ts[i + 1]).velocity, alpha=0.5 * dt)
         if record is not None:
             record.append(StepRecord(float(grid[i]), float(grid[i + 1]), x, x_next, pred.data))
         x = x_next

@@ -115,21 +115,40 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 class Predictor:
     """Evaluates the (possibly guided) denoiser at ``(x, t)`` and counts evaluations.
 
-    Solvers get times as float64 scalars from the precomputed grid; this turns one into the
-    ``[B]`` tensor the denoiser expects without a device sync.
+    ``t`` is a python float (a grid time) or a ``[B]``/0-d tensor. For float times the schedule
+    coefficients and the ``[B]`` time tensor are made once per distinct time and reused, so a
+    step costs the network call plus a few tensor operations; pass ``times=grid`` to compute
+    all grid coefficients in one float64 call before the loop.
     """
 
-    def __init__(self, denoiser, cond=None, guidance=None):
+    def __init__(self, denoiser, cond=None, guidance=None, times=None):
         from .guidance import as_guidance
 
         self.denoiser = denoiser
         self.cond = cond
         self.guidance = as_guidance(guidance)
         self.calls = 0
+        self._cache: dict[float, object] = {}
+        if times is not None:
+            times = [float(v) for v in torch.as_tensor(times, dtype=torch.float64).flatten()]
+            for v, c in zip(times, denoiser.schedule.scalars(times), strict=True):
+                self._cache[v] = (None, c)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
+    def _time(self, t: float, x: torch.Tensor):
+        entry = self._cache.get(t)
+        if entry is None or entry[0] is None or entry[0].shape[0] != x.shape[0] \
+                or entry[0].device != x.device:
+            coeffs = entry[1] if entry is not None else self.denoiser.schedule.scalars([t])[0]
+            entry = (torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), coeffs)
+            self._cache[t] = entry
+        return entry
+
+    def __call__(self, x: torch.Tensor, t) -> Prediction:
         self.calls += 1
-        t = t.expand(x.shape[0])
+        if isinstance(t, float):
+            t, coeffs = self._time(t, x)
+        else:
+            t, coeffs = t.expand(x.shape[0]), None
         if self.guidance is None:
-            return self.denoiser(x, t, self.cond)
+            return self.denoiser(x, t, self.cond, coeffs=coeffs)
         return self.guidance(self.denoiser, x, t, self.cond)

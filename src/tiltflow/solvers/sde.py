@@ -42,15 +42,15 @@ def _posterior_coefficients(denoiser, grid: torch.Tensor, eta: float):
 
 def posterior_steps(denoiser, x_init, grid, eta, cond, guidance, generator, record):
     """DDIM(eta) / DDPM ancestral loop shared by ``ddim`` and ``ddpm``."""
-    predict = Predictor(denoiser, cond, guidance)
-    ts = grid.to(device=x_init.device, dtype=torch.float64)
+    predict = Predictor(denoiser, cond, guidance, times=grid)
+    ts = grid.tolist()
     a_next, eps_coef, std = _posterior_coefficients(denoiser, grid, eta)
     a_next, eps_coef, std_list = a_next.tolist(), eps_coef.tolist(), std.tolist()
     stds = std.to(device=x_init.device, dtype=x_init.dtype)
     x = x_init
     for i in range(len(a_next)):
         pred = predict(x, ts[i])
-        mean = a_next[i] * pred.data + eps_coef[i] * pred.noise
+        mean = pred.combine(data=a_next[i], noise=eps_coef[i])
         x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
         if record is not None:
             _record_step(record, grid, i, x, x_next, pred, mean, stds[i] if std_list[i] > 0 else None)
@@ -88,12 +88,12 @@ def euler_maruyama(denoiser, x_init, grid, *, cond=None, guidance=None, generato
     std[grid[1:] == 0] = 0.0
     half_g2, dt_list, std_list = (0.5 * g2).tolist(), dts.tolist(), std.tolist()
     stds = std.to(device=x_init.device, dtype=x_init.dtype)
-    predict = Predictor(denoiser, cond, guidance)
-    ts = grid.to(device=x_init.device, dtype=torch.float64)
+    predict = Predictor(denoiser, cond, guidance, times=grid)
+    ts = grid.tolist()
     x = x_init
     for i, dt in enumerate(dt_list):
         pred = predict(x, ts[i])
-        mean = x + dt * (pred.velocity - half_g2[i] * pred.score)
+        mean = pred.combine(x_t=1.0, velocity=dt, score=-dt * half_g2[i])
         x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
         if record is not None:
             _record_step(record, grid, i, x, x_next, pred, mean, stds[i] if std_list[i] > 0 else None)
