@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 from . import grids, ode, sde  # noqa: F401  (registers the solvers)
-from .guidance import ClassifierFree
+from .guidance import ClassifierFree, ClassifierGuidance, TwoModel
 from .registry import StepRecord, available, get, register
 
 __all__ = ["sample", "solve", "available", "get", "register", "StepRecord", "ClassifierFree",
+           "ClassifierGuidance", "TwoModel",
            "grids"]
 
 

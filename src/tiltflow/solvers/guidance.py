@@ -11,7 +11,7 @@ import torch
 
 from ..predictions import Prediction
 
-__all__ = ["ClassifierFree", "as_guidance"]
+__all__ = ["ClassifierFree", "ClassifierGuidance", "TwoModel", "as_guidance"]
 
 
 class ClassifierFree:
@@ -51,6 +51,70 @@ class ClassifierFree:
         w = self.scale
         coeffs = denoiser.schedule(t).expand(x_t)
         return Prediction.from_hub(xc + w * (xc - xu), ec + w * (ec - eu), x_t, coeffs)
+
+
+class ClassifierGuidance:
+    """Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2; Song et al. 2021, eq. 14):
+    ``score~ = score + w grad_{x_t} log p(cond | x_t)``, i.e. ``eps~ = eps - w sigma grad``.
+
+    ``classifier(x_t, t)`` returns logits ``[B, C]`` of a classifier trained on noisy inputs
+    (``cond`` picks the class), or pass ``log_prob(x_t, t, cond) -> [B]`` for any
+    differentiable log-likelihood (e.g. the exact ``p(y | x_t)`` of tiltflow.analytic). The
+    gradient is taken with autograd, so each step costs one backward pass through it.
+    """
+
+    def __init__(self, scale: float, classifier=None, log_prob=None):
+        if (classifier is None) == (log_prob is None):
+            raise ValueError("ClassifierGuidance needs exactly one of classifier= or log_prob=")
+        self.scale = float(scale)
+        self.classifier, self.log_prob = classifier, log_prob
+
+    def _log_prob(self, x_t, t, cond):
+        if self.log_prob is not None:
+            return self.log_prob(x_t, t, cond)
+        if cond is None:
+            raise ValueError("classifier guidance needs `cond` (the class labels to steer to)")
+        logits = self.classifier(x_t, t)
+        return torch.log_softmax(logits, -1).gather(1, cond.long()[:, None]).squeeze(1)
+
+    def __call__(self, denoiser, x_t, t, cond) -> Prediction:
+        pred = denoiser(x_t, t, cond if self.classifier is None else None)
+        if self.scale == 0.0:
+            return pred
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self._log_prob(x, t, cond).sum(), x)
+        c = pred.coeffs
+        x_hat, eps = pred.hub
+        step = self.scale * c.sigma * grad
+        # At alpha = 0 (pure noise) x_t carries no information: grad = 0 and the data
+        # correction sigma/alpha * step is 0 * inf; its limit is not computable there, use 0.
+        ratio = c.sigma / c.alpha if not torch.is_tensor(c.alpha) else torch.where(
+            c.alpha > 0, c.sigma / c.alpha, torch.zeros_like(c.alpha))
+        if not torch.is_tensor(ratio) and not ratio < float("inf"):
+            ratio = 0.0
+        return Prediction.from_hub(x_hat + ratio * step, eps - step, x_t, c)
+
+
+class TwoModel:
+    """Guidance by a second model: ``eps = (w + 1) eps_pos - w eps_neg`` (Ho & Salimans 2022 with
+    a separate unconditional model; the negative-preference form of Diffusion-NPO, Wang et al.
+    2025). ``negative`` is a Denoiser trained under any schedule; it is evaluated under the
+    main denoiser's schedule (exact scale-and-time change if they differ)."""
+
+    def __init__(self, negative, scale: float):
+        self.negative, self.scale = negative, float(scale)
+
+    def __call__(self, denoiser, x_t, t, cond) -> Prediction:
+        neg = self.negative
+        if neg.schedule is not denoiser.schedule and neg.schedule.config() != denoiser.schedule.config():
+            neg = neg.with_schedule(denoiser.schedule)
+        pos = denoiser(x_t, t, cond)
+        if self.scale == 0.0:
+            return pos
+        (xp, ep), (xn, en) = pos.hub, neg(x_t, t, cond).hub
+        w = self.scale
+        return Prediction.from_hub(xp + w * (xp - xn), ep + w * (ep - en), x_t, pos.coeffs)
 
 
 def as_guidance(guidance):
