@@ -14,6 +14,8 @@ Each is a linear function of ``(x, eps)`` given ``x_t``, so :func:`to_hub` and
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -77,7 +79,14 @@ def convert(out: torch.Tensor, src: str, dst: str, x_t: torch.Tensor, c: Coeffs)
 
 def _linear_map(src: str, dst: str, c: Coeffs) -> tuple[float, float]:
     """``(p, q)`` with ``dst = p * raw + q * x_t`` for a ``src`` prediction ``raw``: the hub
-    formulas evaluated on unit inputs, in numpy float64 (endpoint divisions give inf/nan)."""
+    formulas evaluated on unit inputs, in numpy float64 (endpoint divisions give inf/nan).
+    Cached: a solver asks for the same few maps at each grid time."""
+    return _cached_linear_map(src, dst, *(float(v) for v in c.as_tuple()))
+
+
+@functools.lru_cache(maxsize=8192)
+def _cached_linear_map(src, dst, alpha, sigma, d_alpha, d_sigma):
+    c = Coeffs(*(np.float64(v) for v in (alpha, sigma, d_alpha, d_sigma)))
     one, zero = np.float64(1.0), np.float64(0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         xr, er = to_hub(src, one, zero, c)  # hub pair per unit raw

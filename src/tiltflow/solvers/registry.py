@@ -130,7 +130,7 @@ class Predictor:
         self.calls = 0
         self._cache: dict[float, object] = {}
         if times is not None:
-            times = [float(v) for v in torch.as_tensor(times, dtype=torch.float64).flatten()]
+            times = torch.as_tensor(times, dtype=torch.float64).flatten().tolist()
             for v, c in zip(times, denoiser.schedule.scalars(times), strict=True):
                 self._cache[v] = (None, c)
 
