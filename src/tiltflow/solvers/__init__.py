@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from . import grids, ode, sde  # noqa: F401  (registers the solvers)
+from . import dpm, grids, multistep, ode, sde  # noqa: F401  (registers the solvers)
 from .guidance import ClassifierFree, ClassifierGuidance, TwoModel
+from .parallel import parallel_sample
 from .registry import StepRecord, available, get, register
 
 __all__ = ["sample", "solve", "available", "get", "register", "StepRecord", "ClassifierFree",
-           "ClassifierGuidance", "TwoModel",
+           "ClassifierGuidance", "TwoModel", "parallel_sample",
            "grids"]
 
 

@@ -18,7 +18,7 @@ def _record_step(record, grid, i, x, x_next, pred, mean, std):
     record.append(StepRecord(float(grid[i]), float(grid[i + 1]), x, x_next, pred.data, mean, std, lp))
 
 
-def _posterior_coefficients(denoiser, grid: torch.Tensor, eta: float):
+def posterior_coefficients(denoiser, grid: torch.Tensor, eta: float):
     """Per step: (alpha', coefficient of eps_hat, noise std), in float64, before the loop.
 
     With ``alpha_{t|t'} = alpha_t / alpha_t'`` and ``sigma^2_{t|t'} = sigma_t^2 -
@@ -44,7 +44,7 @@ def posterior_steps(denoiser, x_init, grid, eta, cond, guidance, generator, reco
     """DDIM(eta) / DDPM ancestral loop shared by ``ddim`` and ``ddpm``."""
     predict = Predictor(denoiser, cond, guidance, times=grid)
     ts = grid.tolist()
-    a_next, eps_coef, std = _posterior_coefficients(denoiser, grid, eta)
+    a_next, eps_coef, std = posterior_coefficients(denoiser, grid, eta)
     a_next, eps_coef, std_list = a_next.tolist(), eps_coef.tolist(), std.tolist()
     stds = std.to(device=x_init.device, dtype=x_init.dtype)
     x = x_init

@@ -1,0 +1,1025 @@
+"""Trained solvers: parameters fitted for ONE model and ONE NFE by matching a reference solution.
+
+Three kinds, all fitted on a few hundred noises by minimising the **plain endpoint RMSE**
+``sqrt(mean_b ||x_solver(noise_b) - x_ref(noise_b)||^2)`` against a tight reference solution of
+the same probability-flow ODE (:func:`reference_solve`):
+
+- :func:`fit_grid` / :func:`optimize_grid` -- only the time grid of an existing registered
+  solver is optimised (monotone parameterisation: softmax of the increments), derivative-free
+  (Nelder-Mead), so it works with every registered solver and with non-differentiable models.
+- :class:`BespokeSolver` -- Shaul et al. 2023, "Bespoke Solvers for Generative Flow Models"
+  (ICLR 2024): a scale-time transformation of the base RK1 (Euler) / RK2 (midpoint) solver.
+- :class:`BNSSolver` -- Shaul et al. 2024, "Bespoke Non-Stationary Solvers for Fast Sampling of
+  Diffusion and Flow Models" (ICML 2024): every step is a learned linear combination of the start
+  state and all previous model outputs.
+
+Loss: both papers' losses are endpoint-matching losses; Bespoke (2023) trains on an upper bound
+of the global RMSE built from local truncation errors along the reference path, BNS (2024) on the
+endpoint error itself. Here **both are trained on the plain endpoint RMSE** (backpropagation
+through the whole n-step solve, which at these NFEs is cheap); the bound is not implemented.
+
+A fitted solver is used as a solver in two ways (documented choice, both thin):
+
+- ``fitted.as_solver()`` returns a function with the one solver signature
+  ``fn(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None)``;
+- after ``import tiltflow.solvers.bespoke`` the registry has an entry ``"bespoke"`` taking
+  ``options={"params": fitted_or_path}``, so ``tiltflow.sample(den, noise, "bespoke", nfe=N,
+  options={"params": "fit.safetensors"})`` works. For this entry one "step" is one network
+  evaluation; the grid ``sample`` builds only fixes the count (``len(grid) - 1`` must equal the
+  fitted NFE) and its end points (start 1, end 0): the interior times are the fitted ones.
+
+Files (``save``/``load``): one ``.safetensors`` file holding the float64 parameters; its header
+metadata carries JSON with the kind, NFE, base solver, schedule config, a description of the model
+it was fitted on and fit statistics. Written atomically (temp file + fsync + rename); ``load``
+validates everything and raises :class:`~tiltflow.errors.UserError` with a one-line fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..denoiser import Denoiser
+from ..errors import UserError
+from ..schedules import Schedule, get_schedule
+from .registry import Predictor, StepRecord, register
+from .registry import get as get_solver
+
+__all__ = [
+    "reference_solve",
+    "rk4_reference",
+    "endpoint_rmse",
+    "optimize_grid",
+    "fit_grid",
+    "FittedGrid",
+    "BespokeSolver",
+    "BNSSolver",
+    "load",
+    "linear_plan",
+]
+
+FORMAT_VERSION = 1
+_F64 = torch.float64
+_KINDS = ("bespoke", "bns", "grid")
+
+
+# -- reference solution --------------------------------------------------------------------------
+
+def _rf_coords(schedule: Schedule, t: torch.Tensor):
+    """Rectified-flow time ``rho = sigma / (alpha + sigma)`` and scale ``alpha + sigma`` at t."""
+    c = schedule(t.to(_F64))
+    return c.sigma / (c.alpha + c.sigma), c.alpha + c.sigma
+
+
+def _t_from_rho(schedule: Schedule, rho: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        lam = 2 * (torch.log1p(-rho) - torch.log(rho))
+        return schedule.t_from_logsnr(lam).clamp(0.0, 1.0)
+
+
+def reference_solve(denoiser, x_init: torch.Tensor, *, cond=None) -> torch.Tensor:
+    """The reference endpoints (t = 1 to 0) that fitting matches: ``tiltflow.solvers.rk.
+    reference_solve`` (adaptive Dormand-Prince at rtol = atol = 1e-10, float64) when that module
+    is present, else :func:`rk4_reference`. The two agree to ~5e-9 on the mixture test beds."""
+    try:
+        from .rk import reference_solve as adaptive
+    except ImportError:  # pragma: no cover - rk.py absent
+        return rk4_reference(denoiser, x_init, cond=cond)
+    return adaptive(denoiser, x_init, 1.0, 0.0, cond=cond).to(x_init.dtype)
+
+
+@torch.no_grad()
+def rk4_reference(denoiser, x_init: torch.Tensor, t_start: float = 1.0, t_end: float = 0.0, *,
+                  steps: int = 256, cond=None) -> torch.Tensor:
+    """Tight fixed-step reference: classical RK4 (Kutta 1901) on the probability-flow ODE in
+    rectified-flow coordinates ``z = x_t / (alpha + sigma)``, ``rho = sigma / (alpha + sigma)``,
+    where ``dz/drho = eps_hat - x_hat`` is smooth on every schedule (the same ODE: a scale-time
+    change, Shaul et al. 2023, sec. 2), with ``steps`` uniform steps in rho, in float64.
+
+    Where t = ``t_end`` is clean (``sigma = 0``) ``eps_hat`` is 0/0, so RK4 stops at
+    ``rho = 1e-7`` and the last sliver is one DDIM step (``z = x_hat``), whose error is
+    O(1e-14). The result's own error is checked in the tests by halving ``steps``.
+    """
+    sched = denoiser.schedule
+    ends = torch.tensor([t_start, t_end], dtype=_F64)
+    rho_ends, scale_ends = _rf_coords(sched, ends)
+    rho0, rho1 = float(rho_ends[0]), float(rho_ends[1])
+    clean_end = float(sched(ends[1:]).sigma) == 0.0
+    rho_stop = max(rho1, 1e-7) if clean_end else rho1
+    h = (rho_stop - rho0) / steps
+    stage_rho = torch.tensor([rho0 + h * (i + f) for i in range(steps) for f in (0.0, 0.5, 1.0)],
+                             dtype=_F64)
+    stage_t = _t_from_rho(sched, stage_rho.clamp(1e-300, 1.0))
+    stage_t[0] = t_start
+    stage_rho, stage_scale = _rf_coords(sched, stage_t)  # consistent pairs after the inversion
+    ts, rhos, scales = stage_t.tolist(), stage_rho.tolist(), stage_scale.tolist()
+    dtype = x_init.dtype
+    z = x_init.to(_F64) / float(scale_ends[0])
+
+    def vel(z, k):  # dz/drho = eps_hat - x_hat = (z - x_hat) / rho, as z = (1-rho) x_hat + rho eps_hat
+        x_t = z * scales[k]
+        x_hat = denoiser(x_t, torch.full((z.shape[0],), ts[k], dtype=_F64), cond).data.to(_F64)
+        return (z - x_hat) / rhos[k]
+
+    for i in range(steps):
+        k = 3 * i
+        k1 = vel(z, k)
+        k2 = vel(z + 0.5 * h * k1, k + 1)
+        k3 = vel(z + 0.5 * h * k2, k + 1)
+        k4 = vel(z + h * k3, k + 2)
+        z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    if clean_end:
+        x_t = z * float(_rf_coords(sched, torch.tensor([ts[-1]], dtype=_F64))[1])
+        z = denoiser(x_t, torch.full((z.shape[0],), ts[-1], dtype=_F64), cond).data.to(_F64)
+        return (z * float(scale_ends[1])).to(dtype)
+    return (z * float(scale_ends[1])).to(dtype)
+
+
+def endpoint_rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``sqrt(mean_b ||x_b - ref_b||^2)``: the RMS endpoint distance of BENCHMARKS.md."""
+    return (x - ref).flatten(1).pow(2).sum(1).mean().sqrt()
+
+
+def _start(denoiser, noise: torch.Tensor, t_start: float = 1.0) -> torch.Tensor:
+    sigma = float(denoiser.schedule(torch.tensor([t_start], dtype=_F64)).sigma)
+    return sigma * noise
+
+
+def _targets(denoiser, noises, reference, cond):
+    if not torch.is_tensor(noises) or not noises.is_floating_point() or noises.dim() < 2:
+        raise ValueError("noises must be a float tensor [B, ...] of standard-normal draws")
+    x_init = _start(denoiser, noises)
+    if reference is None:
+        reference = reference_solve(denoiser, x_init, cond=cond)
+    if reference.shape != noises.shape:
+        raise ValueError(f"reference shape {tuple(reference.shape)} != noises "
+                         f"{tuple(noises.shape)}; pass the reference endpoints of these noises")
+    return x_init, reference
+
+
+def _take(cond, idx):
+    return None if cond is None else cond[idx]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+# -- the common base: description, schedule check, save/load ------------------------------------
+
+def _same_schedule(a: dict, b: dict) -> bool:
+    if a.get("name") != b.get("name") or set(a) != set(b):
+        return False
+    for k in a:
+        va, vb = a[k], b[k]
+        if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
+            if not math.isclose(va, vb, rel_tol=1e-9, abs_tol=1e-12):
+                return False
+        elif isinstance(va, list) and isinstance(vb, list):
+            if len(va) != len(vb) or not torch.allclose(
+                    torch.tensor(va, dtype=_F64), torch.tensor(vb, dtype=_F64), rtol=1e-9):
+                return False
+        elif va != vb:
+            return False
+    return True
+
+
+class _Fitted:
+    """Shared machinery of fitted solvers. Subclasses set ``kind`` and implement
+    ``_tensors()``, ``_from_tensors()`` and ``solve()``."""
+
+    kind = ""
+
+    def __init__(self, *, nfe: int, base: str, schedule, model: dict | None = None,
+                 fit: dict | None = None, t_start: float = 1.0):
+        self.nfe = int(nfe)
+        self.base = str(base)
+        self.schedule = get_schedule(schedule)
+        self.model = dict(model or {})
+        self.fit_info = dict(fit or {})
+        self.t_start = float(t_start)
+
+    # description -------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"format": FORMAT_VERSION, "kind": self.kind, "nfe": self.nfe, "base": self.base,
+                "t_start": self.t_start, "schedule": self.schedule.config(),
+                "model": self.model, "fit": self.fit_info}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(nfe={self.nfe}, base={self.base!r}, "
+                f"schedule={self.schedule!r})")
+
+    def check_denoiser(self, denoiser) -> None:
+        sched = getattr(denoiser, "schedule", None)
+        if sched is None or not _same_schedule(sched.config(), self.schedule.config()):
+            got = getattr(sched, "name", type(denoiser).__name__)
+            raise ValueError(f"this {self.kind} solver was fitted under schedule "
+                             f"{self.schedule.name!r} but the denoiser uses {got!r}; refit it for "
+                             "this model (tiltflow fit-solver) or wrap the denoiser with "
+                             ".with_schedule(...)")
+
+    # use as a solver ---------------------------------------------------------------------------
+    def _check_grid(self, grid) -> None:
+        if grid is None:
+            return
+        grid = torch.as_tensor(grid, dtype=_F64).flatten()
+        if len(grid) not in (2, self.nfe + 1):
+            raise ValueError(f"this fitted solver spends exactly nfe={self.nfe} evaluations; "
+                             f"got a grid of {len(grid) - 1} steps (pass nfe={self.nfe})")
+        if abs(float(grid[0]) - self.t_start) > 1e-12 or float(grid[-1]) != 0.0:
+            raise ValueError(f"a fitted solver integrates from t={self.t_start} to t=0; got a "
+                             f"grid from {float(grid[0])} to {float(grid[-1])}")
+
+    def as_solver(self):
+        """A function with the one solver signature; ``grid`` must run from ``t_start`` to 0
+        with 1 or ``nfe`` steps (its interior times are ignored: the fitted ones are used)."""
+
+        def fitted_solver(denoiser, x_init, grid=None, *, cond=None, guidance=None,
+                          generator=None, record=None):
+            self._check_grid(grid)
+            with torch.no_grad():
+                return self.solve(denoiser, x_init, cond=cond, guidance=guidance, record=record)
+
+        fitted_solver.__doc__ = f"fitted {self.kind} solver, nfe={self.nfe}, base={self.base}"
+        return fitted_solver
+
+    def sample(self, denoiser, noise: torch.Tensor, *, cond=None, guidance=None, record=None):
+        """Integrate standard-normal ``noise`` (scaled by sigma(t_start)) to t = 0."""
+        with torch.no_grad():
+            return self.solve(denoiser, _start(denoiser, noise, self.t_start), cond=cond,
+                              guidance=guidance, record=record)
+
+    def solve(self, denoiser, x_init, *, cond=None, guidance=None, record=None):
+        raise NotImplementedError
+
+    # files -------------------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def save(self, path) -> Path:
+        """Write one ``.safetensors`` file atomically (temp file, fsync, rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu", _F64).contiguous() for k, v in self._tensors().items()}
+        meta = {"tiltflow": "fitted_solver",
+                "config": json.dumps(self.config(), allow_nan=False)}
+        data = st_save(tensors, metadata=meta)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        try:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:  # pragma: no cover - platforms without directory fds
+            pass
+        return path
+
+    @classmethod
+    def load(cls, path):
+        """Load and validate a fitted solver; a kind mismatch or a damaged file raises
+        :class:`UserError`."""
+        obj = load(path)
+        if cls is not _Fitted and not isinstance(obj, cls):
+            raise UserError(f"{str(path)!r} holds a {obj.kind!r} solver, not {cls.kind!r}; "
+                            f"load it with tiltflow.solvers.bespoke.load")
+        return obj
+
+
+def _bad(path, what: str):
+    return UserError(f"fitted-solver file {str(path)!r} is invalid ({what}); refit it with "
+                     "`tiltflow fit-solver`")
+
+
+def load(path) -> _Fitted:
+    """Load any fitted solver (bespoke, bns or grid) written by ``save``, validating it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"fitted-solver file {str(path)!r} does not exist; write one with "
+                        "`tiltflow fit-solver RUN --nfe N --out FILE`")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        from safetensors import safe_open  # header metadata
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise _bad(path, f"not a safetensors file: {str(e).splitlines()[0][:80]}") from None
+    if meta.get("tiltflow") != "fitted_solver":
+        raise _bad(path, "not a tiltflow fitted-solver file")
+    try:
+        cfg = json.loads(meta["config"])
+        if not isinstance(cfg, dict):
+            raise ValueError("config is not an object")
+    except (KeyError, ValueError) as e:
+        raise _bad(path, f"unreadable config: {e}") from None
+    if cfg.get("format") != FORMAT_VERSION:
+        raise _bad(path, f"format {cfg.get('format')!r}, this tiltflow reads {FORMAT_VERSION}")
+    kind = cfg.get("kind")
+    classes = {"bespoke": BespokeSolver, "bns": BNSSolver, "grid": FittedGrid}
+    if kind not in classes:
+        raise _bad(path, f"unknown kind {kind!r}; expected one of {list(_KINDS)}")
+    nfe = cfg.get("nfe")
+    if not isinstance(nfe, int) or nfe < 1:
+        raise _bad(path, f"nfe must be a positive integer, got {nfe!r}")
+    try:
+        schedule = get_schedule(cfg.get("schedule"))
+    except (ValueError, TypeError) as e:
+        raise _bad(path, f"schedule: {e}") from None
+    for k, v in tensors.items():
+        if v.dtype != _F64 or not bool(torch.isfinite(v).all()):
+            raise _bad(path, f"tensor {k!r} must be finite float64")
+    common = dict(nfe=nfe, base=str(cfg.get("base")), schedule=schedule, model=cfg.get("model"),
+                  fit=cfg.get("fit"), t_start=float(cfg.get("t_start", 1.0)))
+    try:
+        return classes[kind]._from_tensors(tensors, **common)
+    except (KeyError, ValueError) as e:
+        raise _bad(path, str(e)) from None
+
+
+# -- optimized grid ---------------------------------------------------------------------------
+
+class FittedGrid(_Fitted):
+    """A registered solver on an optimised time grid (see :func:`fit_grid`)."""
+
+    kind = "grid"
+
+    def __init__(self, grid, **kw):
+        super().__init__(**kw)
+        grid = torch.as_tensor(grid, dtype=_F64).detach().flatten().clone()
+        if grid.numel() < 2 or not bool((grid[1:] < grid[:-1]).all()) or \
+                float(grid[0]) > 1 or float(grid[-1]) != 0.0:
+            raise ValueError("grid must be strictly decreasing in [0, 1] and end at 0")
+        info = get_solver(self.base)
+        if info.nfe(grid.numel() - 1) != self.nfe:
+            raise ValueError(f"a grid of {grid.numel() - 1} steps costs "
+                             f"{info.nfe(grid.numel() - 1)} evaluations with {self.base!r}, "
+                             f"not {self.nfe}")
+        self.grid = grid
+        self.t_start = float(grid[0])
+
+    def _tensors(self):
+        return {"grid": self.grid}
+
+    @classmethod
+    def _from_tensors(cls, tensors, **kw):
+        kw.pop("t_start", None)
+        return cls(tensors["grid"], **kw)
+
+    def solve(self, denoiser, x_init, *, cond=None, guidance=None, record=None, generator=None):
+        from . import solve as run_solver
+
+        self.check_denoiser(denoiser)
+        return run_solver(denoiser, x_init, self.grid, self.base, cond=cond, guidance=guidance,
+                          generator=generator, record=record)
+
+
+def _grid_from_logits(theta: torch.Tensor, t_start: float) -> torch.Tensor:
+    inc = torch.softmax(theta.clamp(-30, 30), 0)
+    grid = t_start * (1 - torch.cat([torch.zeros(1, dtype=_F64), torch.cumsum(inc, 0)]))
+    grid[-1] = 0.0
+    return grid
+
+
+def fit_grid(denoiser, nfe: int, solver: str = "ddim", *, noises: torch.Tensor,
+             reference: torch.Tensor | None = None, init: str | torch.Tensor | list = "auto",
+             steps: int = 1500, cond=None, model: dict | None = None,
+             progress: bool = False) -> FittedGrid:
+    """The "optimized grid" of issue 3: only the time steps of the registered ``solver`` are
+    optimised for ``denoiser`` at exactly ``nfe`` evaluations (the learned-timestep baseline of
+    Shaul et al. 2023/2024; cf. Sabour et al. 2024, "Align Your Steps", for the idea).
+
+    The grid from t = 1 to t = 0 is ``1 - cumsum(softmax(theta))`` (strictly decreasing by
+    construction); ``theta`` minimises the endpoint RMSE to ``reference`` (default
+    :func:`reference_solve`) on ``noises`` by Nelder-Mead with at most ``steps`` evaluations of
+    the solver, so no gradient through the solver or model is needed. ``init``: a grid name,
+    "auto" (the best of uniform / logsnr / karras / shifted at the start), or a grid tensor.
+    """
+    from . import grids as grids_mod
+    from . import solve as run_solver
+
+    info = get_solver(solver)
+    if info.stochastic:
+        raise ValueError(f"{solver!r} is stochastic; optimise the grid of a deterministic solver")
+    n = info.steps_for_nfe(int(nfe))
+    x_init, ref = _targets(denoiser, noises, reference, cond)
+    t0 = time.perf_counter()
+
+    def loss_of(grid) -> float:
+        with torch.no_grad():
+            x = run_solver(denoiser, x_init, grid, solver, cond=cond)
+        v = float(endpoint_rmse(x.to(_F64), ref.to(_F64)))
+        return v if math.isfinite(v) else 1e30
+
+    if isinstance(init, str):
+        names = grids_mod.available() if init == "auto" else [init]
+        cands = [grids_mod.get_grid(name, n, denoiser.schedule) for name in names]
+    else:
+        cands = [torch.as_tensor(init, dtype=_F64)]
+    cands = [g for g in cands if len(g) == n + 1 and float(g[0]) == 1.0]
+    if not cands:
+        raise ValueError(f"init must give a grid of {n} steps from t=1 to 0")
+    start = min(cands, key=loss_of)
+    inc = (start[:-1] - start[1:]).clamp_min(1e-12)
+    theta0 = torch.log(inc / inc.sum())
+    bar = _progress(steps, f"grid {solver} nfe={nfe}", progress)
+    best = [math.inf, theta0.clone()]
+
+    def objective(th):
+        theta = torch.as_tensor(th, dtype=_F64)
+        v = loss_of(_grid_from_logits(theta, 1.0))
+        if v < best[0]:
+            best[0], best[1] = v, theta.clone()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(rmse=f"{best[0]:.4g}")
+        return v
+
+    if n > 1:
+        from scipy.optimize import minimize
+
+        minimize(objective, theta0.numpy(), method="Nelder-Mead",
+                 options={"maxfev": int(steps), "xatol": 1e-6, "fatol": 1e-9, "adaptive": True})
+    else:
+        objective(theta0.numpy())
+    if bar is not None:
+        bar.close()
+    grid = _grid_from_logits(best[1], 1.0)
+    fit = {"loss": "endpoint_rmse", "optimizer": "nelder-mead", "num_noises": int(ref.shape[0]),
+           "evaluations": int(steps), "train_rmse": best[0],
+           "seconds": round(time.perf_counter() - t0, 3)}
+    return FittedGrid(grid, nfe=int(nfe), base=solver, schedule=denoiser.schedule, model=model,
+                      fit=fit)
+
+
+def optimize_grid(denoiser, nfe: int, solver: str = "ddim", *, noises: torch.Tensor,
+                  reference: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """:func:`fit_grid`'s float64 grid, usable as ``tiltflow.sample(den, noise, solver,
+    nfe=nfe, grid=grid)``."""
+    return fit_grid(denoiser, nfe, solver, noises=noises, reference=reference, **kwargs).grid
+
+
+# -- Adam loop shared by bespoke and BNS --------------------------------------------------------
+
+def _adam_fit(params: list[torch.Tensor], run, ref, *, steps: int, lr: float, desc: str,
+              progress: bool, batch_size: int | None = None, seed: int = 0):
+    """Minimise ``endpoint_rmse(run(idx), ref[idx])`` with Adam (cosine-decayed lr).
+
+    ``run(idx)`` integrates the noises ``idx`` (``None``: all). With ``batch_size`` smaller
+    than the pool each iteration uses a random minibatch (the endpoint error of a mixture is
+    dominated by the rare noises near a mode boundary, so a large pool seen in minibatches
+    generalises better than a small full batch); the pool's full loss is checked every 25
+    iterations and the best parameters by that loss are kept. Returns (best_loss, seconds)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=lr / 20)
+    ref = ref.to(_F64)
+    pool = ref.shape[0]
+    minibatch = batch_size is not None and batch_size < pool
+    gen = torch.Generator().manual_seed(seed)
+    bar = _progress(steps, desc, progress)
+    t0 = time.perf_counter()
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return float(endpoint_rmse(run(None).to(_F64), ref))
+
+    best = full_loss()
+    best_state = [p.detach().clone() for p in params]
+    for it in range(steps):
+        idx = torch.randperm(pool, generator=gen)[:batch_size] if minibatch else None
+        opt.zero_grad(set_to_none=True)
+        loss = endpoint_rmse(run(idx).to(_F64), ref if idx is None else ref[idx])
+        lv = float(loss.detach())
+        if not minibatch and math.isfinite(lv) and lv < best:  # loss of the current params
+            best, best_state = lv, [p.detach().clone() for p in params]
+        if math.isfinite(lv):
+            loss.backward()
+            for p in params:
+                if p.grad is not None:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        else:  # a step went astray: restart from the best parameters, smaller lr
+            with torch.no_grad():
+                for p, b in zip(params, best_state, strict=True):
+                    p.copy_(b)
+            for g in opt.param_groups:
+                g["lr"] *= 0.5
+        sched.step()
+        if (minibatch and (it + 1) % 25 == 0) or it + 1 == steps:
+            cur = full_loss()
+            if math.isfinite(cur) and cur < best:
+                best = cur
+                best_state = [p.detach().clone() for p in params]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(rmse=f"{best:.4g}")
+    if bar is not None:
+        bar.close()
+    with torch.no_grad():
+        for p, b in zip(params, best_state, strict=True):
+            p.copy_(b)
+    return best, time.perf_counter() - t0
+
+
+# -- Bespoke (scale-time) solver ----------------------------------------------------------------
+
+_BASES = {"euler": 1, "rk1": 1, "midpoint": 2, "rk2": 2}
+
+
+def _base_name(base: str) -> str:
+    if base not in _BASES:
+        raise ValueError(f"bespoke base solver must be one of {sorted(_BASES)}, got {base!r}")
+    return "euler" if _BASES[base] == 1 else "midpoint"
+
+
+def _limit_slopes(y, m, monotone: bool):
+    """Fritsch & Carlson (1980) limiter: slopes of a C^1 cubic Hermite interpolant clipped so
+    it stays monotone (``monotone=True``: zero where the neighbouring secants change sign or
+    point the other way, at most 3x the smaller secant) or at most 3x the larger neighbouring
+    secant (a bound on overshoot)."""
+    d = 1.0 / (len(y) - 1)
+    sec = (y[1:] - y[:-1]) / d
+    left = torch.cat([sec[:1], sec])
+    right = torch.cat([sec, sec[-1:]])
+    if monotone:
+        same = (left * right > 0) & (m * left > 0)
+        cap = 3 * torch.minimum(left.abs(), right.abs())
+        return torch.where(same, m.sign() * torch.minimum(m.abs(), cap), torch.zeros_like(m))
+    cap = 3 * torch.maximum(left.abs(), right.abs())
+    return m.clamp(-cap, cap)
+
+
+def _hermite(y, m, r_new):
+    """Cubic Hermite interpolation of node values ``y`` with slopes ``m`` on the uniform nodes
+    ``linspace(0, 1, len(y))``; returns value and derivative at ``r_new``."""
+    n_int = len(y) - 1
+    d = 1.0 / n_int
+    k = torch.clamp((r_new / d).floor().long(), 0, n_int - 1)
+    u = (r_new - k * d) / d
+    h00, h10, h01, h11 = 2 * u**3 - 3 * u**2 + 1, u**3 - 2 * u**2 + u, -2 * u**3 + 3 * u**2, \
+        u**3 - u**2
+    g00, g10, g01, g11 = 6 * u**2 - 6 * u, 3 * u**2 - 4 * u + 1, -6 * u**2 + 6 * u, 3 * u**2 - 2 * u
+    val = h00 * y[k] + h10 * d * m[k] + h01 * y[k + 1] + h11 * d * m[k + 1]
+    der = (g00 * y[k] + g10 * d * m[k] + g01 * y[k + 1] + g11 * d * m[k + 1]) / d
+    return val, der
+
+
+class BespokeSolver(_Fitted):
+    """Bespoke scale-time solver (Shaul et al. 2023, "Bespoke Solvers for Generative Flow
+    Models", ICLR 2024, sec. 2: scale-time transformations and the Bespoke RK1/RK2 steps).
+
+    The path is reparameterised as ``xbar(r) = s(r) x(t(r))`` for r in [0, 1] with
+    ``t(0) = 1`` (noise), ``t(1) = 0`` (data), ``s(0) = 1``; it solves
+    ``dxbar/dr = (s'/s) xbar + t' s u(xbar / s, t)`` with ``u`` the PF-ODE velocity
+    ``dx_t/dt`` of the denoiser, and the base solver (Euler = RK1 or midpoint = RK2) takes
+    ``n`` uniform steps ``h = 1/n`` in r. The learnable parameters are the values
+    ``t_j, t'_j, s_j, s'_j`` at the nodes ``r_j`` the base solver visits (n + 1 nodes for
+    Euler, 2n + 1 for midpoint, whose midpoints are nodes). In the original coordinates:
+
+    - RK1: ``x_{i+1} = ((s_i + h s'_i) x_i + h t'_i s_i u(x_i, t_i)) / s_{i+1}``;
+    - RK2: ``x_m = ((s_i + h/2 s'_i) x_i + h/2 t'_i s_i u(x_i, t_i)) / s_m``,
+      ``x_{i+1} = (s_i x_i + h (s'_m x_m + s_m t'_m u(x_m, t_m))) / s_{i+1}``.
+
+    Parameterisation during fitting (keeps the transformation valid, as in the paper's sec. 2.3):
+    ``t`` = 1 - cumsum(softmax(logits)) (strictly decreasing, exact end points),
+    ``t' = -exp(.)`` (< 0: time runs from noise to data), ``s = exp(.)`` with ``s_0 = 1``,
+    ``s'`` free. Identity parameters (``t = 1 - r``, ``t' = -1``, ``s = 1``, ``s' = 0``) give
+    exactly the base solver on the uniform grid.
+
+    Consistency (the paper's consistency theorem): for any valid transformation the transformed
+    ODE has the same end point, so the base solver applied to it converges at its order as n
+    grows. :meth:`refine` makes that concrete for a fitted solver: the node values and slopes
+    define a C^1 piecewise-cubic Hermite transformation ``t(r), log s(r)`` (slopes passed
+    through the Fritsch-Carlson limiter, so ``t(r)`` stays monotone in [0, 1]); refining by an
+    integer factor evaluates it on a finer r-grid (the original node values stay node values;
+    ``refine(1)`` is the fitted solver itself), and the error then falls at the base solver's
+    order.
+    """
+
+    kind = "bespoke"
+
+    def __init__(self, t, dt, s, ds, *, base: str = "midpoint", **kw):
+        base = _base_name(base)
+        t, dt, s, ds = (torch.as_tensor(v, dtype=_F64).detach().flatten().clone()
+                         for v in (t, dt, s, ds))
+        order = _BASES[base]
+        nodes = t.numel()
+        if nodes < 2 or (nodes - 1) % order or any(v.numel() != nodes for v in (dt, s, ds)):
+            raise ValueError(f"t, dt, s, ds must have the same length (steps * {order} + 1)")
+        steps = (nodes - 1) // order
+        kw.setdefault("nfe", steps * order)
+        super().__init__(base=base, **kw)
+        if self.nfe != steps * order:
+            raise ValueError(f"nfe={self.nfe} does not match {nodes} nodes of {base}")
+        if abs(float(t[0]) - self.t_start) > 1e-12 or float(t[-1]) != 0.0:
+            raise ValueError(f"t must start at t_start={self.t_start} and end at 0")
+        if not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError("t must lie in [0, 1]")
+        if not bool((s > 0).all()):
+            raise ValueError("the scales s must be positive")
+        self.t, self.dt, self.s, self.ds = t, dt, s, ds
+        self.steps = steps
+
+    # construction ------------------------------------------------------------------------------
+    @classmethod
+    def identity(cls, schedule, nfe: int, base: str = "midpoint", *, init: str = "identity",
+                 model: dict | None = None) -> BespokeSolver:
+        """Initial parameters: ``init="identity"`` (the base solver on a uniform grid in t) or
+        ``"rectified_flow"`` (the transformation to the rectified-flow path ``x_t /
+        (alpha + sigma)`` uniform in ``rho = sigma / (alpha + sigma)``: RK1 is then DDIM)."""
+        schedule = get_schedule(schedule)
+        base = _base_name(base)
+        order = _BASES[base]
+        if nfe < order or nfe % order:
+            raise ValueError(f"a bespoke {base} solver needs nfe a positive multiple of {order}, "
+                             f"got nfe={nfe}")
+        nodes = nfe + 1  # euler: n + 1 nodes; midpoint: 2n + 1 = nfe + 1
+        r = torch.linspace(0, 1, nodes, dtype=_F64)
+        if init == "identity":
+            t, dt = 1 - r, -torch.ones_like(r)
+            s, ds = torch.ones_like(r), torch.zeros_like(r)
+        elif init == "rectified_flow":
+            t, dt, s, ds = _rf_transform(schedule, r)
+        else:
+            raise ValueError(f"init must be 'identity' or 'rectified_flow', got {init!r}")
+        return cls(t, dt, s, ds, base=base, nfe=nfe, schedule=schedule, model=model)
+
+    @classmethod
+    def fit(cls, denoiser, nfe: int, base: str = "midpoint", *, noises: torch.Tensor,
+            reference: torch.Tensor | None = None, init: str = "auto", steps: int = 400,
+            lr: float = 0.02, batch_size: int | None = 256, cond=None,
+            model: dict | None = None, progress: bool = False) -> BespokeSolver:
+        """Fit to ``denoiser`` at ``nfe`` evaluations by minimising the endpoint RMSE to
+        ``reference`` on ``noises`` with Adam (``steps`` iterations, full batch).
+        ``init="auto"`` starts from whichever of identity / rectified_flow is better."""
+        x_init, ref = _targets(denoiser, noises, reference, cond)
+        inits = ["identity", "rectified_flow"] if init == "auto" else [init]
+        cands = [cls.identity(denoiser.schedule, nfe, base, init=i, model=model) for i in inits]
+
+        def err(c):
+            with torch.no_grad():
+                return float(endpoint_rmse(c.solve(denoiser, x_init, cond=cond).to(_F64),
+                                           ref.to(_F64)))
+
+        start = min(cands, key=err)
+        init_rmse = err(start)
+        # raw parameters
+        inc = (start.t[:-1] - start.t[1:]).clamp_min(1e-12)
+        logits = torch.log(inc / inc.sum()).requires_grad_()
+        log_mdt = torch.log((-start.dt).clamp_min(1e-12)).requires_grad_()
+        log_s = torch.log(start.s[1:]).requires_grad_()
+        ds = start.ds.clone().requires_grad_()
+        zero = torch.zeros(1, dtype=_F64)
+
+        def nodes():
+            t = _grid_from_logits(logits, start.t_start)
+            t = torch.cat([t[:-1], zero])  # keep the graph; exact 0 at the end
+            return t, -torch.exp(log_mdt), torch.exp(torch.cat([zero, log_s])), ds
+
+        def run(idx):
+            x0, c = (x_init, cond) if idx is None else (x_init[idx], _take(cond, idx))
+            return _bespoke_steps(denoiser, x0, *nodes(), start.base, c, None, None)
+
+        best, secs = _adam_fit([logits, log_mdt, log_s, ds], run, ref, steps=steps, lr=lr,
+                               desc=f"bespoke {start.base} nfe={nfe}", progress=progress,
+                               batch_size=batch_size)
+        with torch.no_grad():
+            t, dt, s, dsv = nodes()
+        fit = {"loss": "endpoint_rmse", "optimizer": "adam", "iterations": int(steps),
+               "lr": lr, "init": inits[cands.index(start)], "num_noises": int(ref.shape[0]),
+               "batch_size": batch_size,
+               "init_rmse": init_rmse, "train_rmse": best, "seconds": round(secs, 3)}
+        return cls(t, dt, s, dsv, base=start.base, nfe=nfe, schedule=denoiser.schedule,
+                   model=model, fit=fit)
+
+    def refine(self, factor: int) -> BespokeSolver:
+        """The same transformation solved with ``factor`` times more steps (see class doc)."""
+        if int(factor) != factor or factor < 1:
+            raise ValueError(f"factor must be a positive integer, got {factor}")
+        factor = int(factor)
+        if factor == 1:
+            return self
+        nodes = (self.t.numel() - 1) * factor + 1
+        r = torch.linspace(0, 1, nodes, dtype=_F64)
+        t, dt = _hermite(self.t, _limit_slopes(self.t, self.dt, True), r)
+        out = (t < 0) | (t > 1)
+        t, dt = t.clamp(0, 1), torch.where(out, torch.zeros_like(dt), dt)
+        t[0], t[-1] = self.t_start, 0.0
+        log_s = torch.log(self.s)
+        ls, dls = _hermite(log_s, _limit_slopes(log_s, self.ds / self.s, False), r)
+        s = torch.exp(ls)
+        return BespokeSolver(t, dt, s, s * dls, base=self.base, nfe=self.nfe * factor,
+                             schedule=self.schedule, model=self.model,
+                             fit={**self.fit_info, "refined": factor}, t_start=self.t_start)
+
+    # running -----------------------------------------------------------------------------------
+    def solve(self, denoiser, x_init, *, cond=None, guidance=None, record=None):
+        """Integrate ``x_init`` (the state at t_start) to t = 0 with exactly ``nfe`` calls."""
+        self.check_denoiser(denoiser)
+        return _bespoke_steps(denoiser, x_init, self.t.tolist(), self.dt.tolist(),
+                              self.s.tolist(), self.ds.tolist(), self.base, cond, guidance, record)
+
+    # files -------------------------------------------------------------------------------------
+    def _tensors(self):
+        return {"t": self.t, "dt": self.dt, "s": self.s, "ds": self.ds}
+
+    @classmethod
+    def _from_tensors(cls, tensors, **kw):
+        missing = {"t", "dt", "s", "ds"} - set(tensors)
+        if missing:
+            raise ValueError(f"missing tensors {sorted(missing)}")
+        return cls(tensors["t"], tensors["dt"], tensors["s"], tensors["ds"], **kw)
+
+
+def _rf_transform(schedule: Schedule, r: torch.Tensor):
+    """Nodes of the transformation to the rectified-flow path, uniform in rho, with the
+    derivatives by central differences (float64)."""
+    rho_start, scale_start = (float(v) for v in _rf_coords(schedule, torch.ones(1, dtype=_F64)))
+
+    def ts(rr):
+        rho = (rho_start * (1 - rr)).clamp(1e-300, 1.0)
+        t = _t_from_rho(schedule, rho)
+        t = torch.where(rr <= 0, torch.ones_like(t), torch.where(rr >= 1, torch.zeros_like(t), t))
+        c = schedule(t)
+        return t, scale_start / (c.alpha + c.sigma)
+
+    eps = 1e-6
+    t, s = ts(r)
+    tp, sp = ts((r + eps).clamp(max=1.0))
+    tm, sm = ts((r - eps).clamp(min=0.0))
+    width = (r + eps).clamp(max=1.0) - (r - eps).clamp(min=0.0)
+    dt = -((tp - tm) / width).abs().clamp_min(1e-9)
+    ds = (sp - sm) / width
+    s[0] = 1.0
+    return t, dt, s, ds
+
+
+def _bespoke_steps(denoiser, x_init, t, dt, s, ds, base, cond, guidance, record):
+    """The Bespoke RK1/RK2 loop (see :class:`BespokeSolver`). ``t, dt, s, ds`` are python float
+    lists (sampling: every coefficient computed before the loop) or float64 tensors (fitting:
+    differentiable)."""
+    predict = Predictor(denoiser, cond, guidance)
+    order = _BASES[base]
+    steps = (len(t) - 1) // order
+    h = 1.0 / steps
+    tensor_times = torch.is_tensor(t)
+
+    def tm(j):
+        if tensor_times:
+            return t[j].reshape(1).to(x_init.device)
+        return float(t[j])
+
+    def vel(x, j):
+        return predict(x, tm(j)).velocity
+
+    x = x_init
+    if order == 1:
+        coefs = [((s[i] + h * ds[i]) / s[i + 1], h * dt[i] * s[i] / s[i + 1]) for i in range(steps)]
+        for i, (a, b) in enumerate(coefs):
+            pred = predict(x, tm(i))
+            x_next = a * x + b * pred.velocity
+            if record is not None:
+                record.append(StepRecord(float(t[i]), float(t[i + 1]), x, x_next, pred.data))
+            x = x_next
+        return x
+    coefs = []
+    for i in range(steps):
+        j, m, e = 2 * i, 2 * i + 1, 2 * i + 2
+        coefs.append(((s[j] + 0.5 * h * ds[j]) / s[m], 0.5 * h * dt[j] * s[j] / s[m],
+                      s[j] / s[e], h * ds[m] / s[e], h * s[m] * dt[m] / s[e]))
+    for i, (a, b, c, d, e) in enumerate(coefs):
+        pred = predict(x, tm(2 * i))
+        x_mid = a * x + b * pred.velocity
+        x_next = c * x + d * x_mid + e * vel(x_mid, 2 * i + 1)
+        if record is not None:
+            record.append(StepRecord(float(t[2 * i]), float(t[2 * i + 2]), x, x_next, pred.data))
+        x = x_next
+    return x
+
+
+# -- BNS (non-stationary) solver ----------------------------------------------------------------
+
+def linear_plan(solver: str, schedule, grid: torch.Tensor):
+    """Express a registered *linear* solver on ``grid`` as a non-stationary solver: returns
+    ``(times [n], a [n], b [n, n])`` with evaluation ``j`` at ``times[j]`` on the state
+    ``x_j = a[j-1] x_init + sum_{k<j} b[j-1, k] x_hat_k`` (``x_0 = x_init``) and output
+    ``x_n``. Found by running the solver on a probe denoiser whose k-th data prediction is the
+    (k+1)-th unit vector, so the state carries its coefficients (valid for any solver that is
+    linear in the state and the predictions: Euler, DDIM, Heun, DPM-Solver++, UniPC, ...)."""
+    from . import solve as run_solver
+
+    schedule = get_schedule(schedule)
+    info = get_solver(solver)
+    grid = torch.as_tensor(grid, dtype=_F64)
+    nfe = info.nfe(len(grid) - 1, bool(grid[-1] == 0))
+    width = nfe + 1
+    seen: list[tuple[float, torch.Tensor]] = []
+
+    def probe(x_t, t, cond=None):
+        k = len(seen)
+        if k >= nfe:
+            raise ValueError(f"solver {solver!r} called the model more than nfe={nfe} times")
+        seen.append((float(t[0]), x_t[0].detach().clone()))
+        out = torch.zeros_like(x_t)
+        out[:, k + 1] = 1.0
+        return out
+
+    den = Denoiser.from_fn(probe, schedule, "data")
+    x0 = torch.zeros(1, width, dtype=_F64)
+    x0[0, 0] = 1.0
+    with torch.no_grad():
+        out = run_solver(den, x0, grid, solver)[0]
+    if len(seen) != nfe:
+        raise ValueError(f"solver {solver!r} made {len(seen)} calls, expected {nfe}")
+    states = [st for _, st in seen[1:]] + [out]
+    times = torch.tensor([tt for tt, _ in seen], dtype=_F64)
+    a = torch.stack([st[0] for st in states])
+    b = torch.stack([st[1:] for st in states])
+    if not bool(torch.isfinite(a).all() & torch.isfinite(b).all()):
+        raise ValueError(f"solver {solver!r} on this grid has non-finite coefficients")
+    return times, a, b
+
+
+class BNSSolver(_Fitted):
+    """Bespoke Non-Stationary solver (Shaul et al. 2024, "Bespoke Non-Stationary Solvers for
+    Fast Sampling of Diffusion and Flow Models", ICML 2024, sec. 3: the non-stationary solver
+    family and its BNS optimisation).
+
+    With ``n = nfe`` evaluations at learned times ``t_0 = 1 > ...`` (``t_j`` free in (0, 1)),
+    step j is ``x_{j+1} = a_j x_0 + sum_{k<=j} b_{jk} x_hat_k`` where ``x_hat_k`` is the model's
+    data prediction at ``(x_k, t_k)``: a learned, step-dependent combination of the start and
+    all previous outputs. The paper writes it with velocities ``u_k``; since each ``u_k`` is a
+    fixed linear combination of ``x_k`` and ``x_hat_k``, and every ``x_k`` of ``x_0`` and
+    ``x_hat_{<k}``, both spans are the same family (it contains every linear multistep and
+    Runge-Kutta solver, the paper's "subsumes" result). The data form is finite at t = 1 and at
+    t = 0 on every schedule. Initialised from any linear registered solver on any grid (see
+    :func:`linear_plan`), e.g. DDIM on an optimised grid; fitted on the endpoint RMSE.
+    """
+
+    kind = "bns"
+
+    def __init__(self, times, a, b, *, base: str = "ddim", **kw):
+        times = torch.as_tensor(times, dtype=_F64).detach().flatten().clone()
+        a = torch.as_tensor(a, dtype=_F64).detach().flatten().clone()
+        b = torch.as_tensor(b, dtype=_F64).detach().clone()
+        n = times.numel()
+        kw.setdefault("nfe", n)
+        super().__init__(base=base, **kw)
+        if n != self.nfe or a.shape != (n,) or b.shape != (n, n):
+            raise ValueError(f"need times [{self.nfe}], a [{self.nfe}], b [{self.nfe}, "
+                             f"{self.nfe}]; got {tuple(times.shape)}, {tuple(a.shape)}, "
+                             f"{tuple(b.shape)}")
+        if abs(float(times[0]) - self.t_start) > 1e-12 or \
+                not bool(((times > 0) & (times <= 1)).all()):
+            raise ValueError("times must start at t_start and lie in (0, 1]")
+        if bool(torch.triu(b, 1).ne(0).any()):
+            raise ValueError("b must be lower-triangular (a step uses only earlier outputs)")
+        self.times, self.a, self.b = times, a, b
+
+    @classmethod
+    def from_solver(cls, schedule, solver: str = "ddim", grid: torch.Tensor | str = "uniform",
+                    nfe: int | None = None, model: dict | None = None) -> BNSSolver:
+        """A registered linear solver on a grid (a name, with ``nfe``, or a tensor) written as
+        a BNS solver: it reproduces that solver up to float64 rounding."""
+        from . import grids as grids_mod
+
+        schedule = get_schedule(schedule)
+        if isinstance(grid, str):
+            if nfe is None:
+                raise ValueError("give nfe= with a named grid")
+            grid = grids_mod.get_grid(grid, get_solver(solver).steps_for_nfe(nfe), schedule)
+        times, a, b = linear_plan(solver, schedule, grid)
+        return cls(times, a, b, base=solver, schedule=schedule, model=model)
+
+    @classmethod
+    def fit(cls, denoiser, nfe: int, base: str = "ddim", *, noises: torch.Tensor,
+            reference: torch.Tensor | None = None, grid: torch.Tensor | str = "uniform",
+            steps: int = 600, lr: float = 0.005, batch_size: int | None = 256, cond=None,
+            model: dict | None = None, progress: bool = False) -> BNSSolver:
+        """Fit to ``denoiser`` at ``nfe`` evaluations, starting from ``base`` on ``grid`` (a
+        grid name or tensor, e.g. an :func:`optimize_grid` result), by Adam on the endpoint
+        RMSE to ``reference`` on ``noises``."""
+        x_init, ref = _targets(denoiser, noises, reference, cond)
+        start = cls.from_solver(denoiser.schedule, base, grid, nfe=nfe, model=model)
+        if start.nfe != nfe:
+            raise ValueError(f"{base!r} on the given grid spends {start.nfe} evaluations, "
+                             f"not nfe={nfe}")
+        with torch.no_grad():
+            init_rmse = float(endpoint_rmse(start.solve(denoiser, x_init, cond=cond).to(_F64),
+                                            ref.to(_F64)))
+        eps = 1e-6
+        tt = start.times[1:].clamp(eps, 1 - eps)
+        logit_t = torch.log(tt / (1 - tt)).requires_grad_()
+        a = start.a.clone().requires_grad_()
+        mask = torch.tril(torch.ones(nfe, nfe, dtype=_F64))
+        b = start.b.clone().requires_grad_()
+        first = torch.full((1,), start.t_start, dtype=_F64)
+
+        def times():
+            return torch.cat([first, torch.sigmoid(logit_t)])
+
+        def run(idx):
+            x0, c = (x_init, cond) if idx is None else (x_init[idx], _take(cond, idx))
+            return _bns_steps(denoiser, x0, times(), a, b * mask, c, None, None)
+
+        best, secs = _adam_fit([logit_t, a, b], run, ref, steps=steps, lr=lr,
+                               desc=f"bns nfe={nfe}", progress=progress, batch_size=batch_size)
+        fit = {"loss": "endpoint_rmse", "optimizer": "adam", "iterations": int(steps), "lr": lr,
+               "init": base, "num_noises": int(ref.shape[0]), "batch_size": batch_size,
+               "init_rmse": init_rmse,
+               "train_rmse": best, "seconds": round(secs, 3)}
+        with torch.no_grad():
+            return cls(times(), a, b * mask, base=base, nfe=nfe, schedule=denoiser.schedule,
+                       model=model, fit=fit)
+
+    def solve(self, denoiser, x_init, *, cond=None, guidance=None, record=None):
+        """Integrate ``x_init`` (the state at t_start) to t = 0 with exactly ``nfe`` calls."""
+        self.check_denoiser(denoiser)
+        return _bns_steps(denoiser, x_init, self.times.tolist(), self.a.tolist(),
+                          self.b.tolist(), cond, guidance, record)
+
+    def _tensors(self):
+        return {"times": self.times, "a": self.a, "b": self.b}
+
+    @classmethod
+    def _from_tensors(cls, tensors, **kw):
+        missing = {"times", "a", "b"} - set(tensors)
+        if missing:
+            raise ValueError(f"missing tensors {sorted(missing)}")
+        return cls(tensors["times"], tensors["a"], tensors["b"], **kw)
+
+
+def _bns_steps(denoiser, x_init, times, a, b, cond, guidance, record):
+    predict = Predictor(denoiser, cond, guidance)
+    tensor_times = torch.is_tensor(times)
+    n = len(times)
+    preds: list[torch.Tensor] = []
+    x = x_init
+    for j in range(n):
+        tj = times[j].reshape(1).to(x_init.device) if tensor_times else float(times[j])
+        pred = predict(x, tj)
+        preds.append(pred.data)
+        x_next = a[j] * x_init
+        for k in range(j + 1):
+            x_next = x_next + b[j][k] * preds[k]
+        if record is not None:
+            t_next = float(times[j + 1]) if j + 1 < n else 0.0
+            record.append(StepRecord(float(times[j]), t_next, x, x_next, preds[-1]))
+        x = x_next
+    return x
+
+
+# -- registry entry -----------------------------------------------------------------------------
+
+_CACHE: dict[tuple[str, int, int], _Fitted] = {}
+
+
+def _as_fitted(params) -> _Fitted:
+    if isinstance(params, _Fitted):
+        return params
+    if isinstance(params, (str, Path)):
+        p = Path(params)
+        st = p.stat() if p.is_file() else None
+        key = (str(p.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0)
+        if key not in _CACHE:
+            _CACHE.clear()
+            _CACHE[key] = load(p)
+        return _CACHE[key]
+    raise ValueError('solver "bespoke" needs options={"params": FILE or a fitted solver} '
+                     "(write one with `tiltflow fit-solver`)")
+
+
+@register("bespoke", order=1)
+def bespoke(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
+            params=None):
+    """A fitted solver (bespoke / BNS / optimized grid) from options={"params": FILE}."""
+    fitted = _as_fitted(params)
+    fitted._check_grid(grid)
+    if isinstance(fitted, FittedGrid):
+        return fitted.solve(denoiser, x_init, cond=cond, guidance=guidance, record=record,
+                            generator=generator)
+    return fitted.solve(denoiser, x_init, cond=cond, guidance=guidance, record=record)
