@@ -283,7 +283,8 @@ class VPDiscrete(Schedule):
         return torch.exp(self._log_alpha_and_slope(t)[0])
 
     def sigma(self, t):
-        return torch.sqrt(-torch.expm1(2 * self._log_alpha_and_slope(t)[0]))
+        # abs: expm1(0) is -0.0 at t = 0, and sqrt(-0.0) would give sigma = -0.0
+        return torch.sqrt((-torch.expm1(2 * self._log_alpha_and_slope(t)[0])).abs())
 
     def d_alpha(self, t):
         la, slope = self._log_alpha_and_slope(t)
@@ -291,7 +292,7 @@ class VPDiscrete(Schedule):
 
     def d_sigma(self, t):
         la, slope = self._log_alpha_and_slope(t)
-        return -slope * torch.exp(2 * la) / torch.sqrt(-torch.expm1(2 * la))
+        return -slope * torch.exp(2 * la) / torch.sqrt((-torch.expm1(2 * la)).abs())
 
     def logsnr(self, t):
         la = self._log_alpha_and_slope(_as_tensor(t))[0]

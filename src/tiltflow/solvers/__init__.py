@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dpm, grids, multistep, ode, sde  # noqa: F401  (registers the solvers)
+from . import dpm, grids, multistep, ode, rk, sde  # noqa: F401  (registers the solvers)
 from .guidance import ClassifierFree, ClassifierGuidance, TwoModel
 from .parallel import parallel_sample
 from .registry import StepRecord, available, get, register

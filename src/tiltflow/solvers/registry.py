@@ -33,12 +33,23 @@ class SolverInfo:
     evals_per_step: int  # network evaluations per step (before savings below)
     skips_last_eval: bool = False  # the final step to sigma = 0 needs one evaluation less
     description: str = ""
+    adaptive: bool = False  # step size chosen by error control: no fixed evaluation count
+
+    def _no_fixed_nfe(self):
+        raise ValueError(
+            f"solver {self.name!r} is adaptive and spends as many evaluations as its tolerance "
+            "needs: call it with steps=1 and options={'rtol': ..., 'atol': ..., 'max_nfe': N}"
+        )
 
     def nfe(self, steps: int, ends_clean: bool = True) -> int:
+        if self.adaptive:
+            self._no_fixed_nfe()
         return self.evals_per_step * steps - (1 if self.skips_last_eval and ends_clean else 0)
 
     def steps_for_nfe(self, nfe: int) -> int:
         """Steps that spend exactly ``nfe`` evaluations on a grid ending at t = 0."""
+        if self.adaptive:
+            self._no_fixed_nfe()
         extra = 1 if self.skips_last_eval else 0
         steps, rem = divmod(nfe + extra, self.evals_per_step)
         if nfe < 1 or rem or steps < 1:
@@ -59,13 +70,15 @@ class SolverInfo:
 _REGISTRY: dict[str, SolverInfo] = {}
 
 
-def register(name, *, order, stochastic=False, evals_per_step=1, skips_last_eval=False):
+def register(name, *, order, stochastic=False, evals_per_step=1, skips_last_eval=False,
+             adaptive=False):
     """Decorator adding a solver function to the registry under ``name``."""
 
     def deco(fn):
         doc = (fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = SolverInfo(
-            name, fn, order, stochastic, evals_per_step, skips_last_eval, doc[0] if doc else ""
+            name, fn, order, stochastic, evals_per_step, skips_last_eval, doc[0] if doc else "",
+            adaptive,
         )
         return fn
 

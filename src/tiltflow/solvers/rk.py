@@ -52,11 +52,10 @@ This avoids both stopping at a small t and finishing with a denoising step (whic
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from .registry import _REGISTRY, Predictor, SolverInfo, StepRecord, register
+from .registry import Predictor, StepRecord, register
 
 __all__ = ["midpoint", "rk4", "dopri5", "reference_solve"]
 
@@ -183,25 +182,6 @@ _A = (
 _E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
 
 _SAFETY, _FAC_MIN, _FAC_MAX = 0.9, 0.2, 10.0  # HNW sec. II.4 step-size controller constants
-
-_NFE_HELP = (
-    "solver 'dopri5' is adaptive: its number of evaluations follows its tolerances, so nfe= "
-    "cannot be met exactly; use sample(..., solver='dopri5', steps=1, options={'rtol': 1e-5, "
-    "'atol': 1e-5, 'max_nfe': N}) (max_nfe is a budget that raises when exceeded; "
-    "options={'stats': {}} reports the evaluations spent)"
-)
-
-
-@dataclass(frozen=True)
-class _AdaptiveSolverInfo(SolverInfo):
-    """Registry entry of an adaptive solver: it has no fixed evaluation count per step."""
-
-    def nfe(self, steps: int, ends_clean: bool = True) -> int:
-        raise ValueError(_NFE_HELP)
-
-    def steps_for_nfe(self, nfe: int) -> int:
-        raise ValueError(_NFE_HELP)
-
 
 def _lin(z, h, coefs, ks):
     """``z + h * sum(c * k)`` over the nonzero coefficients."""
@@ -373,10 +353,7 @@ def dopri5(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, 
     return _dopri5_run(denoiser, x_init, grid, cond, guidance, record, rtol, atol, max_nfe, stats)
 
 
-_REGISTRY["dopri5"] = _AdaptiveSolverInfo(
-    "dopri5", dopri5, order=5, stochastic=False, evals_per_step=6, skips_last_eval=False,
-    description=dopri5.__doc__.strip().splitlines()[0],
-)
+register("dopri5", order=5, evals_per_step=6, adaptive=True)(dopri5)
 
 
 def reference_solve(denoiser, x_init: torch.Tensor, t_start: float = 1.0, t_end: float = 0.0,

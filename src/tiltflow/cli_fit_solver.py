@@ -1,0 +1,106 @@
+"""``tiltflow fit-solver RUN --nfe N --out FILE``: fit a trained solver for one model and NFE.
+
+Kinds (see :mod:`tiltflow.solvers.bespoke`): ``bespoke`` (scale-time RK1/RK2, Shaul et al.
+2023), ``bns`` (non-stationary, Shaul et al. 2024), ``grid`` (optimised time grid of a
+registered solver). The fitted parameters go to one safetensors file; sample with it through
+``tiltflow.sample(den, noise, "bespoke", nfe=N, options={"params": FILE})``.
+
+Wire-up in ``cli.py``: ``cli_fit_solver.add_parser(sub)`` in ``_parser`` and
+``COMMANDS["fit-solver"] = cli_fit_solver.run``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+_DEFAULT_BASE = {"bespoke": "midpoint", "bns": "ddim", "grid": "ddim"}
+_DEFAULT_STEPS = {"bespoke": 400, "bns": 600, "grid": 1500}
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "fit-solver", help="fit a bespoke / BNS solver or an optimised grid for a trained run",
+        description="Learn solver parameters for ONE model and ONE NFE by matching a tight "
+                    "reference solution on a few hundred noises; writes a .safetensors file.")
+    p.add_argument("run", help="run directory or checkpoint directory (from `tiltflow train`)")
+    p.add_argument("--nfe", type=int, required=True, help="exact number of network evaluations")
+    p.add_argument("--kind", choices=["bespoke", "bns", "grid"], default="bespoke")
+    p.add_argument("--base", default=None,
+                   help="base solver: bespoke euler|midpoint (default midpoint); bns: a linear "
+                        "registered solver to start from (default ddim); grid: the registered "
+                        "solver whose grid is optimised (default ddim)")
+    p.add_argument("--num-noises", type=int, default=256, help="training noises (default 256)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimiser iterations (default: bespoke 400, bns 600, grid 1500 solves)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training noises")
+    p.add_argument("--label", type=int, default=None,
+                   help="class label for conditional models (default: labels cycle over classes)")
+    p.add_argument("--out", required=True, help="output file (.safetensors)")
+    p.add_argument("--no-ema", action="store_true", help="fit on the raw weights, not the EMA")
+    return p
+
+
+def run(args) -> int:
+    import torch
+
+    from .runs import load_trained
+    from .solvers import bespoke as B
+    from .solvers import get as get_solver
+
+    if args.nfe < 1:
+        raise UserError(f"--nfe must be >= 1, got {args.nfe}")
+    if args.num_noises < 2:
+        raise UserError(f"--num-noises must be >= 2, got {args.num_noises}")
+    steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.kind]
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    base = args.base or _DEFAULT_BASE[args.kind]
+    if args.kind == "bespoke":
+        if base not in B._BASES:
+            raise UserError(f"--base for bespoke must be euler or midpoint, got {base!r}")
+        if B._BASES[base] == 2 and args.nfe % 2:
+            raise UserError(f"a bespoke {base} solver spends 2 evaluations per step; use an "
+                            f"even --nfe (got {args.nfe}) or --base euler")
+    else:
+        get_solver(base).steps_for_nfe(args.nfe)  # clear error for an impossible NFE
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out must end in .safetensors, got {str(out)!r}")
+
+    trained = load_trained(args.run, use_ema=not args.no_ema)
+    info = trained.data
+    # float64 throughout: the reference solution is a float64 solve (the fitted parameters do
+    # not depend on the dtype the solver later runs in)
+    den = trained.denoiser.double()
+    gen = torch.Generator().manual_seed(args.seed)
+    noises = torch.randn((args.num_noises, *info["shape"]), generator=gen, dtype=torch.float64)
+    cond = None
+    if info["num_classes"]:
+        if args.label is not None:
+            if not 0 <= args.label < info["num_classes"]:
+                raise UserError(f"--label must be in [0, {info['num_classes']}), got {args.label}")
+            cond = torch.full((args.num_noises,), args.label, dtype=torch.long)
+        else:
+            cond = torch.arange(args.num_noises) % info["num_classes"]
+    model = {"run": str(trained.path), "step": trained.step, "data": info.get("name"),
+             "shape": list(info["shape"]), "ema": not args.no_ema}
+    for p in den.parameters():
+        p.requires_grad_(False)  # gradients flow to the solver parameters only
+    print(f"computing the reference solution for {args.num_noises} noises ...")
+    x_init = B._start(den, noises)
+    ref = B.reference_solve(den, x_init, cond=cond)
+    common = dict(noises=noises, reference=ref, cond=cond, model=model, progress=True)
+    if args.kind == "grid":
+        fitted = B.fit_grid(den, args.nfe, base, steps=steps, **common)
+    elif args.kind == "bespoke":
+        fitted = B.BespokeSolver.fit(den, args.nfe, base, steps=steps, **common)
+    else:
+        fitted = B.BNSSolver.fit(den, args.nfe, base, steps=steps, **common)
+    fitted.save(out)
+    fit = fitted.fit_info
+    init = f" (start {fit['init_rmse']:.4g})" if "init_rmse" in fit else ""
+    print(f"wrote {out}: {args.kind} solver, nfe={args.nfe}, base={base}; training endpoint "
+          f"RMSE {fit['train_rmse']:.4g}{init}, {fit['seconds']:.1f} s")
+    return 0
