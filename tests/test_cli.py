@@ -34,6 +34,9 @@ def test_train_then_sample(trained_run, tmp_path, capsys):
     x = np.load(prefix.with_suffix(".npy"))
     assert x.shape == (10, 2) and np.isfinite(x).all()
     assert prefix.with_suffix(".png").exists()
+    code, out, err = run(["sample", str(trained_run), "--solver", "ddim", "--nfe", "4",
+                          "--option", "eta=1.0", "--num", "10", "--out", str(prefix)], capsys)
+    assert code == 0, err
 
 
 def test_train_resume_continues(trained_run, capsys):
@@ -74,6 +77,8 @@ def test_bad_input_is_one_line_exit_2(args, needle, capsys, tmp_path, monkeypatc
     (["--num", "0"], "--num"),
     (["--label", "3"], "unconditional"),
     (["--guidance", "2"], "class-conditional"),
+    (["--solver", "ddim", "--nfe", "4", "--option", "etta=1"], "no option"),
+    (["--solver", "dopri5"], "adaptive"),
 ])
 def test_sample_bad_arguments(trained_run, args, needle, capsys, tmp_path):
     code, out, err = run(["sample", str(trained_run), "--out", str(tmp_path / "s"), *args], capsys)

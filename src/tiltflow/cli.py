@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", default="heun", help="solver name (see --list-solvers)")
     s.add_argument("--nfe", type=int, default=19, help="exact number of network evaluations")
     s.add_argument("--grid", default="uniform", help="time grid: uniform, logsnr, karras, shifted")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="solver option, repeatable (e.g. --option eta=0.5 for ddim)")
     s.add_argument("--num", type=int, default=64, help="number of samples")
     s.add_argument("--label", type=int, default=None, help="class label (conditional models)")
     s.add_argument("--guidance", type=float, default=0.0,
@@ -143,8 +145,16 @@ def _cmd_sample(args) -> int:
         raise UserError("--guidance needs a class-conditional model")
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.num, *info["shape"]), generator=gen)
+    from .config import parse_value
+
+    options = {}
+    for item in args.option:
+        if "=" not in item:
+            raise UserError(f"--option {item!r} is not KEY=VALUE (e.g. --option eta=0.5)")
+        key, value = item.split("=", 1)
+        options[key.strip()] = parse_value(value)
     x = solvers.sample(trained.denoiser, noise, args.solver, nfe=args.nfe, grid=args.grid,
-                       cond=cond, guidance=args.guidance or None, generator=gen)
+                       cond=cond, guidance=args.guidance or None, generator=gen, options=options)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     arr = trained.denormalize(x).numpy()

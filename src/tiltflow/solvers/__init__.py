@@ -10,11 +10,14 @@ import torch
 
 from . import dpm, grids, multistep, ode, rk, sde  # noqa: F401  (registers the solvers)
 from .guidance import ClassifierFree, ClassifierGuidance, TwoModel
+from .inversion import invert, round_trip, round_trip_error
+from .likelihood import bits_per_dim, log_likelihood
 from .parallel import parallel_sample
 from .registry import StepRecord, available, get, register
 
 __all__ = ["sample", "solve", "available", "get", "register", "StepRecord", "ClassifierFree",
            "ClassifierGuidance", "TwoModel", "parallel_sample",
+           "log_likelihood", "bits_per_dim", "invert", "round_trip", "round_trip_error",
            "grids"]
 
 
