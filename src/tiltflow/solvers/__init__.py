@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dpm, grids, multistep, ode, rk, sde  # noqa: F401  (registers the solvers)
+from . import dpm, grids, multistep, ode, rk, sde, stochastic  # noqa: F401  (registers the solvers)
 from .guidance import ClassifierFree, ClassifierGuidance, TwoModel
 from .inversion import invert, round_trip, round_trip_error
 from .likelihood import bits_per_dim, log_likelihood
@@ -87,13 +87,13 @@ def sample(
     if (nfe is None) == (steps is None):
         raise ValueError("give exactly one of nfe= or steps=")
     if isinstance(grid, str):
-        n = info.steps_for_nfe(int(nfe)) if nfe is not None else int(steps)
+        n = info.steps_for_nfe(int(nfe), options) if nfe is not None else int(steps)
         t_grid = grids.get_grid(grid, n, denoiser.schedule, **(grid_options or {}))
     else:
         t_grid = _check_grid(grid)
-        if nfe is not None and info.nfe(len(t_grid) - 1, bool(t_grid[-1] == 0)) != nfe:
-            raise ValueError(f"the given grid costs {info.nfe(len(t_grid) - 1)} evaluations with "
-                             f"{solver!r}, not nfe={nfe}")
+        cost = info.nfe(len(t_grid) - 1, bool(t_grid[-1] == 0), options) if nfe is not None else None
+        if nfe is not None and cost != nfe:
+            raise ValueError(f"the given grid costs {cost} evaluations with {solver!r}, not nfe={nfe}")
     sigma_start = float(denoiser.schedule(t_grid[:1]).sigma)
     with torch.set_grad_enabled(grad):
         return solve(denoiser, sigma_start * noise, t_grid, solver, cond=cond, guidance=guidance,

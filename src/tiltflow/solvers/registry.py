@@ -30,7 +30,9 @@ class SolverInfo:
     fn: Callable
     order: int  # convergence order of the ODE solvers; 1 for weak order of SDE solvers
     stochastic: bool
-    evals_per_step: int  # network evaluations per step (before savings below)
+    # network evaluations per step (before savings below); a callable takes the solver's
+    # options dict, for solvers whose cost depends on them (e.g. corrector steps)
+    evals_per_step: int | Callable[[dict], int]
     skips_last_eval: bool = False  # the final step to sigma = 0 needs one evaluation less
     description: str = ""
     adaptive: bool = False  # step size chosen by error control: no fixed evaluation count
@@ -41,22 +43,27 @@ class SolverInfo:
             "needs: call it with steps=1 and options={'rtol': ..., 'atol': ..., 'max_nfe': N}"
         )
 
-    def nfe(self, steps: int, ends_clean: bool = True) -> int:
+    def evals(self, options: dict | None = None) -> int:
+        e = self.evals_per_step
+        return int(e(options or {})) if callable(e) else e
+
+    def nfe(self, steps: int, ends_clean: bool = True, options: dict | None = None) -> int:
         if self.adaptive:
             self._no_fixed_nfe()
-        return self.evals_per_step * steps - (1 if self.skips_last_eval and ends_clean else 0)
+        return self.evals(options) * steps - (1 if self.skips_last_eval and ends_clean else 0)
 
-    def steps_for_nfe(self, nfe: int) -> int:
+    def steps_for_nfe(self, nfe: int, options: dict | None = None) -> int:
         """Steps that spend exactly ``nfe`` evaluations on a grid ending at t = 0."""
         if self.adaptive:
             self._no_fixed_nfe()
         extra = 1 if self.skips_last_eval else 0
-        steps, rem = divmod(nfe + extra, self.evals_per_step)
+        per_step = self.evals(options)
+        steps, rem = divmod(nfe + extra, per_step)
         if nfe < 1 or rem or steps < 1:
-            valid = [self.nfe(s) for s in range(1, 6)]
+            valid = [self.nfe(s, options=options) for s in range(1, 6)]
             raise ValueError(
                 f"solver {self.name!r} cannot spend exactly nfe={nfe} evaluations "
-                f"({self.evals_per_step} per step{', one less on the last' if extra else ''}); "
+                f"({per_step} per step{', one less on the last' if extra else ''}); "
                 f"valid values start {valid}"
             )
         return steps

@@ -64,11 +64,11 @@ def edm_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
     each step first "churns": with ``gamma = min(s_churn / N, sqrt(2) - 1)`` when
     ``s_tmin <= s_i <= s_tmax`` (else 0; N = number of steps) it raises the level to
     ``s_hat = (1 + gamma) s_i`` by adding noise ``sqrt(s_hat^2 - s_i^2) * s_noise * z``
-    (eq. in lines 4–6), then takes a Heun step of ``dy/ds = (y - D(y; s)) / s`` from
+    (Algorithm 2, lines 4–6), then takes a Heun step of ``dy/ds = (y - D(y; s)) / s`` from
     ``s_hat`` to ``s_{i+1}`` (lines 7–11). The corrector is skipped on a final step to t = 0,
     so NFE = 2 N - 1 as in the paper. ``s_churn = 0`` gives the deterministic Heun sampler
     (Algorithm 1 in these coordinates); the paper's ImageNet settings are the defaults except
-    ``s_noise`` (1.007 there, to offset a trained network's over-denoising; 1 is exact).
+    ``s_noise`` (1.003 there, to offset a trained network's over-denoising; 1 is exact).
 
     ``s_hat`` is capped at the schedule's largest level (t = 1), so churn never leaves the
     schedule's time range. A step that starts at (numerically) pure noise — ``alpha = 0`` at
@@ -218,7 +218,8 @@ def dpmpp_2m_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=
 # ------------------------------------------------------------------------------------------
 # Predictor-corrector
 # ------------------------------------------------------------------------------------------
-@register("pc", order=1, stochastic=True, evals_per_step=2)
+@register("pc", order=1, stochastic=True,
+          evals_per_step=lambda options: 1 + int(options.get("corrector_steps", 1)))
 def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
        predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16):
     """Predictor–corrector sampling (Song et al. 2021, "Score-Based Generative Modeling through
@@ -301,7 +302,8 @@ def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, reco
 # ------------------------------------------------------------------------------------------
 # Annealed Langevin dynamics
 # ------------------------------------------------------------------------------------------
-@register("annealed_langevin", order=1, stochastic=True, evals_per_step=1)
+@register("annealed_langevin", order=1, stochastic=True,
+          evals_per_step=lambda options: int(options.get("steps_per_level", 1)))
 def annealed_langevin(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
                       record=None, steps_per_level: int = 1, eps: float | None = None):
     """Annealed Langevin dynamics (Song & Ermon 2019, "Generative Modeling by Estimating
