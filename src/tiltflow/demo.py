@@ -146,7 +146,13 @@ def digits_part(out: Path, report: Report, quick: bool) -> None:
                    ("digits_loss.png", "training loss")]
 
 
-PARTS = [two_d_part, digits_part]
+def _solvers_part(out: Path, report: Report, quick: bool) -> None:
+    from .demo_solvers import solvers_part
+
+    solvers_part(out, report, quick)
+
+
+PARTS = [two_d_part, digits_part, _solvers_part]
 
 
 def run_demo(out_dir="runs/demo", quick: bool = False) -> Path:
