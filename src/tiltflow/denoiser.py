@@ -98,8 +98,11 @@ class Denoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t, cond=None, coeffs: Coeffs | None = None) -> Prediction:
         """Evaluate at ``(x_t, t)``. ``coeffs``: the schedule's coefficients at ``t`` if the
         caller already has them (solvers pass precomputed scalars); computed otherwise."""
-        t = as_time(t, x_t)
-        c = coeffs if coeffs is not None and not self.precondition else self.coeffs(t, x_t)
+        if coeffs is None or self.precondition:
+            t = as_time(t, x_t)
+            c = self.coeffs(t, x_t)
+        else:  # a solver's fast path: t is already a [B] tensor in x_t's dtype
+            c = coeffs
         if not self.precondition:
             out = self._call_net(x_t, t.to(x_t.dtype), cond)
             if out.shape != x_t.shape:
