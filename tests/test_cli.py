@@ -90,3 +90,19 @@ def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "tiltflow.cli", "--help"], capture_output=True,
                          text=True)
     assert res.returncode == 0 and "train" in res.stdout and "sample" in res.stdout
+
+
+def test_fit_solver_then_sample_with_it(trained_run, tmp_path, capsys):
+    params = tmp_path / "bespoke4.safetensors"
+    code, out, err = run(["fit-solver", str(trained_run), "--nfe", "4", "--kind", "bespoke",
+                          "--num-noises", "32", "--steps", "5", "--out", str(params)], capsys)
+    assert code == 0, err
+    assert params.exists()
+    prefix = tmp_path / "s"
+    code, out, err = run(["sample", str(trained_run), "--solver", "bespoke", "--nfe", "4",
+                          "--option", f"params={params}", "--num", "8", "--out", str(prefix)], capsys)
+    assert code == 0, err
+    assert np.isfinite(np.load(prefix.with_suffix(".npy"))).all()
+    code, out, err = run(["fit-solver", str(trained_run), "--nfe", "4", "--out", str(tmp_path / "x"),
+                          "--kind", "bns", "--base", "nosuch"], capsys)
+    assert code == 2 and "nosuch" in err

@@ -1,4 +1,4 @@
-"""``tiltflow`` command line: train | sample | bench | demo.
+"""``tiltflow`` command line: train | sample | fit-solver | bench | demo.
 
 Every user mistake (missing file, bad config key, unknown solver ...) prints one line
 ``tiltflow: error: ...`` and exits with code 2; nothing is half-written.
@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   tiltflow train configs/digits.yaml --resume
   tiltflow sample runs/8g --solver heun --nfe 9 --num 2000 --out runs/8g/samples
   tiltflow sample runs/digits --label 3 --guidance 1.5 --num 64 --out three
+  tiltflow fit-solver runs/8g --nfe 6 --kind bespoke --out runs/8g/bespoke6.safetensors
+  tiltflow sample runs/8g --solver bespoke --nfe 6 --option params=runs/8g/bespoke6.safetensors
   tiltflow bench train
   tiltflow demo --out runs/demo
 """
@@ -59,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a benchmark suite (writes benchmarks/results/)")
     b.add_argument("suite", help="suite name (e.g. train) or 'all'")
     b.add_argument("--quick", action="store_true", help="a fast smoke run (numbers not for the record)")
+
+    from . import cli_fit_solver
+
+    cli_fit_solver.add_parser(sub)
 
     d = sub.add_parser("demo", help="train small digit and 2-D models and write an HTML report")
     d.add_argument("--out", default="runs/demo")
@@ -201,7 +207,14 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "bench": _cmd_bench, "demo": _cmd_demo}
+def _cmd_fit_solver(args) -> int:
+    from . import cli_fit_solver
+
+    return cli_fit_solver.run(args)
+
+
+COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "bench": _cmd_bench, "demo": _cmd_demo,
+            "fit-solver": _cmd_fit_solver}
 
 
 def main(argv=None) -> int:
