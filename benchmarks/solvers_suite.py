@@ -65,14 +65,19 @@ ISSUE_BEST_PEER = {4: 0.54, 6: 0.30, 8: 0.21, 10: 0.18, 16: 0.03}
 _F64 = torch.float64
 
 
-def _peers():
-    """``benchmarks/peers.py`` as a module (the suite is loaded by file path, not as a package)."""
-    if "tiltflow_bench_peers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("tiltflow_bench_peers", HERE / "peers.py")
+def _bench_module(name: str):
+    """``benchmarks/<name>.py`` as a module (the suite is loaded by file path, not as a package)."""
+    key = f"tiltflow_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        sys.modules["tiltflow_bench_peers"] = module
-    return sys.modules["tiltflow_bench_peers"]
+        sys.modules[key] = module
+    return sys.modules[key]
+
+
+def _peers():
+    return _bench_module("peers")
 
 
 def _schedule(name: str):
@@ -361,6 +366,8 @@ def run(quick: bool = False) -> dict:
                                          "skipped")}
                 notes[f"{bed}/{sched}"]["seconds"] = round(time.perf_counter() - t0, 1)
                 print(f"[solvers] {bed} / {sched}: {time.perf_counter() - t0:.0f} s", flush=True)
+        # DPM-Solver-v3 needs statistics computed from the model first (not in the generic loop)
+        rows += _bench_module("dpm_v3_rows").run_rows(quick)
         rows += overhead_rows(repeats=reps)
     finally:
         torch.set_num_threads(threads)

@@ -23,9 +23,7 @@ Helpers (used by ``benchmarks/solvers_suite.py`` too):
 
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
 import time
 from pathlib import Path
 
@@ -44,17 +42,13 @@ _F64 = torch.float64
 
 
 # -- helpers shared with benchmarks/solvers_suite.py ---------------------------------------
-FITTED = ("bespoke",)  # need parameters fitted per model and NFE: not training-free
+# need parameters fitted (bespoke) or statistics computed (DPM-Solver-v3) per model first
+FITTED = ("bespoke", "dpm_solver_v3")
 
 
 def deterministic_solvers(training_free: bool = True) -> list[str]:
-    """Registered deterministic (ODE) solvers, after importing every solver module; with
-    ``training_free`` those in :data:`FITTED` are left out."""
-    for mod in pkgutil.iter_modules(solvers.__path__):
-        try:
-            importlib.import_module(f"{solvers.__name__}.{mod.name}")
-        except Exception:  # noqa: BLE001 - a module being edited must not stop the others
-            pass
+    """Registered deterministic (ODE) solvers; with ``training_free`` those in :data:`FITTED`
+    (which need per-model parameters or statistics) are left out."""
     return [n for n in solvers.available() if not solvers.get(n).stochastic
             and not (training_free and n in FITTED)]
 

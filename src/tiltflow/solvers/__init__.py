@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import bespoke, dpm, grids, multistep, ode, rk, sde, stochastic  # noqa: F401  (registers the solvers)
+from . import bespoke, dpm, dpm_v3, grids, multistep, ode, rk, sde, stochastic  # noqa: F401  (registers the solvers)
 from .guidance import ClassifierFree, ClassifierGuidance, TwoModel
 from .inversion import invert, round_trip, round_trip_error
 from .likelihood import bits_per_dim, log_likelihood
