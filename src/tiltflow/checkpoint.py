@@ -43,6 +43,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import UserError
+from .fileio import atomic_write_text, fsync_dir, write_synced
 
 __all__ = [
     "Checkpoint",
@@ -197,24 +198,8 @@ def restore_rng(data: dict) -> None:
 # -- atomic file system helpers --------------------------------------------------------------------
 
 def _write_file(path: Path, data: bytes) -> str:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(path, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _tensor_bytes(tensors: Mapping[str, torch.Tensor], what: str) -> bytes:
@@ -318,7 +303,7 @@ def save_checkpoint(
         }
         text = json.dumps(state, indent=1, allow_nan=False, default=_json_default)
         _write_file(tmp / "state.json", text.encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume): swap the old one out
             old = run_dir / f".tmp_old_{name}_{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
@@ -326,7 +311,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -351,10 +336,7 @@ def _json_default(o):
 
 
 def _write_pointer(run_dir: Path, name: str) -> None:
-    tmp = run_dir / f".latest.{uuid.uuid4().hex[:8]}"
-    _write_file(tmp, (name + "\n").encode())
-    os.replace(tmp, run_dir / "latest")
-    _fsync_dir(run_dir)
+    atomic_write_text(run_dir / "latest", name + "\n")
 
 
 # -- loading -----------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,6 +41,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import nn
+
+from .fileio import atomic_write_bytes
 
 __all__ = [
     "sliced_w2",
@@ -569,25 +570,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def _save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path):
     from safetensors.torch import save
 
-    data = save(tensors, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _load_cached(path: Path) -> _DigitsNet:

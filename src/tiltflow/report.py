@@ -7,11 +7,12 @@ copied or zipped as a whole. Later capabilities add their own sections to the de
 from __future__ import annotations
 
 import html
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = ["Report", "Section", "save_figure"]
 
@@ -20,14 +21,10 @@ def save_figure(fig, path: Path) -> Path:
     """Save a matplotlib figure as PNG (atomically) and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 @dataclass
@@ -83,17 +80,9 @@ class Report:
                              f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         parts.append("</body></html>")
         path = self.out_dir / name
-        _atomic_write(path, "\n".join(parts))
+        atomic_write_text(path, "\n".join(parts))
         tables = {s.title: [dict(zip(h, r, strict=True)) for h, rows in s.tables for r in rows]
                   for s in self.sections}
-        _atomic_write(path.with_suffix(".json"), json.dumps(tables, indent=1, default=str))
+        atomic_write_text(path.with_suffix(".json"), json.dumps(tables, indent=1, default=str))
         return path
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -16,6 +16,8 @@ eq. 4).
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -44,7 +46,7 @@ def _float64(value, name: str) -> torch.Tensor:
     return t
 
 
-class Reward(nn.Module):
+class Reward(nn.Module, abc.ABC):
     """Base class: ``reward(x, cond=None) -> Tensor[B]``.
 
     Subclasses implement ``forward(x, cond=None)`` and set ``differentiable`` (class or
@@ -53,8 +55,9 @@ class Reward(nn.Module):
 
     differentiable: bool = False
 
-    def forward(self, x: torch.Tensor, cond=None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        """The reward of each example, ``[B]``."""
 
 
 class LinearReward(Reward):

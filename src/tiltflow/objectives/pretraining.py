@@ -28,6 +28,7 @@ Objectives (``objectives.available()``):
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Mapping
 
@@ -82,7 +83,7 @@ def _check_range(name, lo, hi):
         raise ValueError(f"{name}: need 0 <= t_min < t_max <= 1, got t_min={lo}, t_max={hi}")
 
 
-class Objective:
+class Objective(abc.ABC):
     """Base class: validates the batch, applies label dropout, calls :meth:`loss`.
 
     Subclasses implement ``loss(model, x, cond, generator) -> [B]`` and ``_params()``.
@@ -122,8 +123,9 @@ class Objective:
         cond = drop_labels(cond, self.label_dropout, generator)
         return self.loss(model, x, cond, generator)
 
-    def loss(self, model, x, cond, generator) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def loss(self, model, x, cond, generator) -> torch.Tensor:
+        """Per-example loss ``[B]`` of ``model`` on clean data ``x`` (labels already dropped)."""
 
     def config(self) -> dict:
         return {
@@ -141,7 +143,7 @@ class Objective:
     def _params(self) -> dict:
         return {}
 
-    def _check_model(self, model) -> None:
+    def _check_model(self, model) -> None:  # noqa: B027 - optional hook, not abstract
         pass
 
     def _reduce(self, per_element: torch.Tensor) -> torch.Tensor:

@@ -36,11 +36,10 @@ validates everything and raises :class:`~tiltflow.errors.UserError` with a one-l
 
 from __future__ import annotations
 
+import abc
 import json
 import math
-import os
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -50,6 +49,7 @@ from safetensors.torch import save as st_save
 
 from ..denoiser import Denoiser
 from ..errors import UserError
+from ..fileio import atomic_write_bytes
 from ..schedules import Schedule, get_schedule
 from .registry import Predictor, StepRecord, register
 from .registry import get as get_solver
@@ -197,7 +197,7 @@ def _same_schedule(a: dict, b: dict) -> bool:
     return True
 
 
-class _Fitted:
+class _Fitted(abc.ABC):
     """Shared machinery of fitted solvers. Subclasses set ``kind`` and implement
     ``_tensors()``, ``_from_tensors()`` and ``solve()``."""
 
@@ -262,40 +262,21 @@ class _Fitted:
             return self.solve(denoiser, _start(denoiser, noise, self.t_start), cond=cond,
                               guidance=guidance, record=record)
 
+    @abc.abstractmethod
     def solve(self, denoiser, x_init, *, cond=None, guidance=None, record=None):
-        raise NotImplementedError
+        """Integrate ``x_init`` from ``t_start`` to t = 0 with the fitted parameters."""
 
     # files -------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The fitted parameters as named tensors, as stored by :meth:`save`."""
 
     def save(self, path) -> Path:
         """Write one ``.safetensors`` file atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", _F64).contiguous() for k, v in self._tensors().items()}
         meta = {"tiltflow": "fitted_solver",
                 "config": json.dumps(self.config(), allow_nan=False)}
-        data = st_save(tensors, metadata=meta)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        try:
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:  # pragma: no cover - platforms without directory fds
-            pass
-        return path
+        return atomic_write_bytes(path, st_save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path):

@@ -69,7 +69,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +76,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..fileio import atomic_write_bytes
 from ..schedules import get_schedule
 from .dpm import LAMBDA_LIMIT, _coeffs, _singular
 from .registry import Predictor, StepRecord, register
@@ -153,33 +153,13 @@ class EMS:
         header) atomically: temp file, fsync, ``os.replace``, fsync of the directory."""
         from safetensors.torch import save as st_save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"lambdas": self.lambdas, "l": self.l, "s": self.s, "b": self.b}
         cfg = {"format": FORMAT_VERSION, "shape": list(self.shape), "schedule": self.schedule,
                "info": self.info}
         data = st_save({k: v.contiguous() for k, v in tensors.items()},
                        metadata={"tiltflow": "dpm_solver_v3_ems",
                                  "config": json.dumps(cfg, allow_nan=False)})
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        try:
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:  # pragma: no cover - platforms without directory fds
-            pass
-        return path
+        return atomic_write_bytes(path, data)
 
     @classmethod
     def load(cls, path) -> EMS:
