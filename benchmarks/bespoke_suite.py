@@ -14,11 +14,7 @@ this bed, measured by the `solvers` suite: NFE 4 ~ 0.54, 6 ~ 0.30, 8 ~ 0.21, 10 
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import subprocess
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -30,17 +26,15 @@ from tiltflow import analytic
 from tiltflow import schedules as S
 from tiltflow.solvers import bespoke as B
 
-RESULTS = Path(__file__).parent / "results"
+# benchmarks/ is not a package (``tiltflow bench`` loads suites by file path): load the shared
+# helpers in common.py by path too
+_spec = importlib.util.spec_from_file_location("tiltflow_bench_common",
+                                               Path(__file__).with_name("common.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
 PEER_BEST = {4: 0.54, 6: 0.30, 8: 0.21, 10: 0.18}  # issue 3, best peer RMS on this bed
 BASES = ["euler", "ddim", "heun", "deis", "ipndm", "unipc", "dpm++2m", "dpm++3m", "midpoint"]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _noise(n, seed):
@@ -72,13 +66,8 @@ def run(quick: bool = False) -> dict:
         rows = _measure(quick)
     finally:
         torch.set_num_threads(threads)
-    result = {"suite": "bespoke", "commit": _commit(),
-              "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}, torch "
-                         f"{torch.__version__})",
-              "seconds": round(time.time() - t_start, 1), "quick": quick, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bespoke.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "bespoke.md").write_text(_markdown(result))
+    result = bench.result("bespoke", t_start, quick, rows)
+    bench.write_results(result, _markdown(result))
     return result
 
 
@@ -175,8 +164,7 @@ def _valid(solver, nfe):
 def _markdown(res: dict) -> str:
     rows = res["rows"]
     lines = ["# bespoke suite", "",
-             f"Machine: {res['machine']}; commit `{res['commit'][:12]}`; ran {res['seconds']} s"
-             f"{' (quick)' if res.get('quick') else ''}.", "",
+             f"{bench.header(res)}.", "",
              "RMS endpoint error vs a float64 adaptive Dormand-Prince reference (rtol = atol = "
              "1e-10; an RK4 reference with 256 steps agrees to the `floor` in the JSON) on "
              "held-out noises; trained solvers were fitted on a separate pool of noises (plain "
@@ -225,11 +213,7 @@ def _markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer NFEs, noises and iterations")
-    args = ap.parse_args(argv)
-    print(_markdown(run(quick=args.quick)))
-    return 0
+    return bench.cli(__doc__, run, _markdown, "fewer NFEs, noises and iterations", argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ start states ``x_1 = sigma(1) noise`` (seed 0), the same float64 reference
 states) and the same ``extra`` keys (``schedule``, ``grid``, ``nfe_target``, ``n_points``), plus
 ``extra.ems`` (how the statistics were computed, seconds included). The EMS noises (seed 777)
 are disjoint from the evaluation noises. The suite can add them with
-``rows += _load("dpm_v3_rows").run_rows(quick)`` (load by file path like ``peers.py``).
+``rows += bench.load_sibling("dpm_v3_rows").run_rows(quick)`` (``benchmarks/common.py``).
 
     python benchmarks/dpm_v3_rows.py [--quick]    # prints a table next to dpmpp_3m and unipc
 """

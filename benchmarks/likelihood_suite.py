@@ -20,13 +20,9 @@ trace method.
 
 from __future__ import annotations
 
-import argparse
-import json
+import importlib.util
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,16 +33,14 @@ from tiltflow import analytic
 from tiltflow import schedules as S
 from tiltflow.solvers.likelihood import default_t_eps, log_likelihood
 
-RESULTS = Path(__file__).parent / "results"
+# benchmarks/ is not a package (``tiltflow bench`` loads suites by file path): load the shared
+# helpers in common.py by path too
+_spec = importlib.util.spec_from_file_location("tiltflow_bench_common",
+                                               Path(__file__).with_name("common.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
 BEDS = ("eight_gaussians", "anisotropic_2d")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _timed(fn, repeats, *args, **kwargs):
@@ -163,14 +157,9 @@ def run(quick: bool = False) -> dict:
                         row["extra"]["time_ratio_to_peer"] = sec / psec
     finally:
         torch.set_num_threads(threads)
-    result = {"suite": "likelihood", "commit": _commit(),
-              "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}, torch "
-                         f"{torch.__version__})",
-              "seconds": round(time.time() - t_start, 1), "quick": quick,
-              "points": n_points, "repeats": repeats, "notes": notes, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "likelihood.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "likelihood.md").write_text(_markdown(result))
+    result = bench.result("likelihood", t_start, quick, rows, points=n_points, repeats=repeats,
+                          notes=notes)
+    bench.write_results(result, _markdown(result))
     return result
 
 
@@ -178,8 +167,7 @@ def _markdown(res: dict) -> str:
     lines = [
         "# likelihood suite",
         "",
-        f"Machine: {res['machine']}; commit `{res['commit'][:12]}`; ran {res['seconds']} s"
-        f"{' (quick)' if res.get('quick') else ''}; {res['points']} points per bed; times are "
+        f"{bench.header(res)}; {res['points']} points per bed; times are "
         f"medians of {res['repeats']} run(s), one thread.",
         "",
         "`nll_error` = mean over points of |log p_model - log p_exact| / D (nats/dim; goal "
@@ -213,12 +201,7 @@ def _markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer points, steps and repeats")
-    args = ap.parse_args(argv)
-    res = run(quick=args.quick)
-    print(_markdown(res))
-    return 0
+    return bench.cli(__doc__, run, _markdown, "fewer points, steps and repeats", argv)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,8 @@ size costs about one call while the device is not saturated, so rounds predict w
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
+import importlib.util
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,17 +29,15 @@ from tiltflow import schedules as S
 from tiltflow.solvers import grids, solve
 from tiltflow.solvers.parallel import parallel_sample
 
-RESULTS = Path(__file__).parent / "results"
+# benchmarks/ is not a package (``tiltflow bench`` loads suites by file path): load the shared
+# helpers in common.py by path too
+_spec = importlib.util.spec_from_file_location("tiltflow_bench_common",
+                                               Path(__file__).with_name("common.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
 TARGETS = (1e-2, 1e-3)
 BASES = ("ddim", "euler", "ddpm")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _methods(steps: int):
@@ -104,13 +98,8 @@ def run(quick: bool = False) -> dict:
                                                     steps, target, t_seq, common))
     finally:
         torch.set_num_threads(threads)
-    result = {"suite": "parallel", "commit": _commit(),
-              "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}, torch "
-                         f"{torch.__version__})",
-              "seconds": round(time.time() - t_start, 1), "quick": quick, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "parallel.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "parallel.md").write_text(_markdown(result))
+    result = bench.result("parallel", t_start, quick, rows)
+    bench.write_results(result, _markdown(result))
     return result
 
 
@@ -139,8 +128,7 @@ def _markdown(res: dict) -> str:
     lines = [
         "# parallel suite",
         "",
-        f"Machine: {res['machine']}; commit `{res['commit'][:12]}`; ran {res['seconds']} s"
-        f"{' (quick)' if res.get('quick') else ''}.",
+        f"{bench.header(res)}.",
         "",
         "Rounds = sequential batched network calls; NFE = evaluations per sample summed over "
         "all batches; error = RMS distance (float64) to the sequential solver's endpoint from "
@@ -167,12 +155,7 @@ def _markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="100 steps only, smaller batch")
-    args = ap.parse_args(argv)
-    res = run(quick=args.quick)
-    print(_markdown(res))
-    return 0
+    return bench.cli(__doc__, run, _markdown, "100 steps only, smaller batch", argv)
 
 
 if __name__ == "__main__":

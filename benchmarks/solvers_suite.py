@@ -26,14 +26,9 @@ Gaussian-mixture denoiser; sliced W2 of the best ones; per-step overhead with a 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,8 +47,13 @@ from tiltflow.demo_solvers import (
 from tiltflow.denoiser import Denoiser
 from tiltflow.solvers import grids
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+# benchmarks/ is not a package (``tiltflow bench`` loads suites by file path): load the shared
+# helpers in common.py by path too
+_spec = importlib.util.spec_from_file_location("tiltflow_bench_common",
+                                               Path(__file__).with_name("common.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
 NFES = (2, 4, 6, 8, 10, 16, 32)
 COMPARE_NFES = (4, 6, 8, 10)
 BEDS = ("eight_gaussians", "anisotropic_2d", "random_16d")
@@ -65,19 +65,8 @@ ISSUE_BEST_PEER = {4: 0.54, 6: 0.30, 8: 0.21, 10: 0.18, 16: 0.03}
 _F64 = torch.float64
 
 
-def _bench_module(name: str):
-    """``benchmarks/<name>.py`` as a module (the suite is loaded by file path, not as a package)."""
-    key = f"tiltflow_bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[key] = module
-    return sys.modules[key]
-
-
 def _peers():
-    return _bench_module("peers")
+    return bench.load_sibling("peers")
 
 
 def _schedule(name: str):
@@ -334,14 +323,6 @@ def overhead_rows(steps=(10, 60), repeats: int = 9, ours=None, peers=None):
 
 
 # -- run, Markdown, plot -------------------------------------------------------------------
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=HERE, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def run(quick: bool = False) -> dict:
     """Measure and write ``benchmarks/results/solvers.{json,md}`` and the error-vs-NFE PNG."""
     t_start = time.time()
@@ -367,19 +348,14 @@ def run(quick: bool = False) -> dict:
                 notes[f"{bed}/{sched}"]["seconds"] = round(time.perf_counter() - t0, 1)
                 print(f"[solvers] {bed} / {sched}: {time.perf_counter() - t0:.0f} s", flush=True)
         # DPM-Solver-v3 needs statistics computed from the model first (not in the generic loop)
-        rows += _bench_module("dpm_v3_rows").run_rows(quick)
+        rows += bench.load_sibling("dpm_v3_rows").run_rows(quick)
         rows += overhead_rows(repeats=reps)
     finally:
         torch.set_num_threads(threads)
-    result = {"suite": "solvers", "commit": _commit(),
-              "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}, torch "
-                         f"{torch.__version__})",
-              "seconds": round(time.time() - t_start, 1), "quick": quick,
-              "solvers": deterministic_solvers(), "notes": notes, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "solvers.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "solvers.md").write_text(markdown(result))
-    plot(result, RESULTS / "solvers_error_vs_nfe.png")
+    result = bench.result("solvers", t_start, quick, rows, solvers=deterministic_solvers(),
+                          notes=notes)
+    results_dir = bench.write_results(result, markdown(result))
+    plot(result, results_dir / "solvers_error_vs_nfe.png")
     return result
 
 
@@ -392,8 +368,7 @@ def _fmt(v) -> str:
 def markdown(res: dict) -> str:
     rows = res["rows"]
     lines = ["# solvers suite", "",
-             f"Machine: {res['machine']}; commit `{res['commit'][:12]}`; ran {res['seconds']} s"
-             f"{' (quick)' if res.get('quick') else ''}. Registered deterministic solvers: "
+             f"{bench.header(res)}. Registered deterministic solvers: "
              f"{', '.join(res.get('solvers', []))}.", "",
              "**endpoint_rmse**: RMS distance between a solver's endpoint and the float64 reference "
              "solution of the same PF-ODE from the same start state x_1 (exact mixture denoiser, "
@@ -553,12 +528,7 @@ def plot(res: dict, path: Path, n_ours: int = 6) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one bed, fewer points (< 60 s)")
-    args = ap.parse_args(argv)
-    res = run(quick=args.quick)
-    print(markdown(res))
-    return 0
+    return bench.cli(__doc__, run, markdown, "one bed, fewer points (< 60 s)", argv)
 
 
 if __name__ == "__main__":

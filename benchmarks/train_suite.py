@@ -13,14 +13,10 @@ checkpoint, so the ratio is the full price of the framework. Runs are interleave
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
+import importlib.util
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +30,12 @@ from tiltflow import checkpoint as ck
 from tiltflow.config import TrainConfig
 from tiltflow.train import DataOrder, ema_decay_at, ema_update, lr_at, train
 
-RESULTS = Path(__file__).parent / "results"
+# benchmarks/ is not a package (``tiltflow bench`` loads suites by file path): load the shared
+# helpers in common.py by path too
+_spec = importlib.util.spec_from_file_location("tiltflow_bench_common",
+                                               Path(__file__).with_name("common.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
 class _MLP(nn.Module):  # stand-in when tiltflow.nets is not there
@@ -126,14 +127,6 @@ def _resume_exact(objective, data, root: Path) -> bool:
     return bool(same)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def run(quick: bool = False) -> dict:
     """Measure and write ``benchmarks/results/train.{json,md}``; returns the result dict."""
     t_start = time.time()
@@ -185,13 +178,8 @@ def run(quick: bool = False) -> dict:
          "role": "ours", "nfe": None, "metric": "resume_exact", "value": 1.0 if exact else 0.0,
          "floor": None, "extra": {"compared": "parameters, EMA, optimizer state"}},
     ]
-    result = {"suite": "train", "commit": _commit(),
-              "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}, torch "
-                         f"{torch.__version__})",
-              "seconds": round(time.time() - t_start, 1), "quick": quick, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "train.md").write_text(_markdown(result))
+    result = bench.result("train", t_start, quick, rows)
+    bench.write_results(result, _markdown(result))
     return result
 
 
@@ -200,8 +188,7 @@ def _markdown(res: dict) -> str:
     lines = [
         "# train suite",
         "",
-        f"Machine: {res['machine']}; commit `{res['commit'][:12]}`; ran {res['seconds']} s"
-        f"{' (quick)' if res.get('quick') else ''}.",
+        f"{bench.header(res)}.",
         "",
         "Same model, data, objective, batch, AdamW, warm-up, clipping and EMA in both loops; the "
         "plain loop has no logging, NaN check, accelerate or checkpoint. tiltflow's time is the "
@@ -225,12 +212,7 @@ def _markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
-    args = ap.parse_args(argv)
-    res = run(quick=args.quick)
-    print(_markdown(res))
-    return 0
+    return bench.cli(__doc__, run, _markdown, "fewer steps and repeats", argv)
 
 
 if __name__ == "__main__":
