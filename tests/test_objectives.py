@@ -316,14 +316,11 @@ def test_rectified_flow_exact_minimum(sampling, density):
 
 
 def test_exact_minimum_with_analytic_module():
-    """Cross-check with tiltflow.analytic's exact mixture denoiser where it is available."""
-    try:
-        from tiltflow.analytic import GaussianMixture
+    """Cross-check with tiltflow.analytic's exact mixture denoiser."""
+    from tiltflow.analytic import GaussianMixture
 
-        gmm = GaussianMixture([1.0], MU_T[None], S_T[None])
-        theirs = gmm.denoiser(schedules.RectifiedFlow())
-    except Exception as err:  # another engineer's module, possibly mid-edit
-        pytest.skip(f"tiltflow.analytic not usable: {err}")
+    gmm = GaussianMixture([1.0], MU_T[None], S_T[None])
+    theirs = gmm.denoiser(schedules.RectifiedFlow())
     obj = objectives.get("rectified_flow")
     a = obj(theirs, data_batch(), torch.Generator().manual_seed(7))
     b = obj(

@@ -309,11 +309,8 @@ def test_two_process_run_matches_single_process(tmp_path):
 def test_flow_matching_mlp_reaches_noise_floor_on_eight_gaussians(tmp_path):
     """A flow-matching MLP on eight_gaussians: sliced W2 of 2,000 samples (Heun, 32 steps from
     the EMA) within 2x the noise floor of 2,000 exact samples."""
-    analytic = pytest.importorskip("tiltflow.analytic")
-    metrics = pytest.importorskip("tiltflow.metrics")
-    objectives = pytest.importorskip("tiltflow.objectives")
-    nets = pytest.importorskip("tiltflow.nets")
     import tiltflow
+    from tiltflow import analytic, metrics, nets, objectives
 
     gmm = analytic.eight_gaussians()
     data = gmm.sample(20_000, generator=torch.Generator().manual_seed(0)).float()
