@@ -30,7 +30,10 @@ RESULTS = HERE / "results"
 
 
 def commit() -> str:
-    """The git commit (``HEAD``) of the benchmarks' checkout, or ``"unknown"``."""
+    """The git commit (``HEAD``) of the benchmarks' checkout, or ``"unknown"``; a copy of the
+    tree without ``.git`` (e.g. on a lent GPU machine) can pass it as ``TILTFLOW_COMMIT``."""
+    if os.environ.get("TILTFLOW_COMMIT"):
+        return os.environ["TILTFLOW_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=HERE, timeout=10).stdout.strip() or "unknown"

@@ -189,6 +189,11 @@ def _cmd_bench(args) -> int:
     if args.suite == "all":
         roots = [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
         names = sorted({p.name[:-9] for r in roots if r.is_dir() for p in r.glob("*_suite.py")})
+        import torch
+
+        if not torch.cuda.is_available() and "gpu" in names:
+            print("bench all: skipping the gpu suite (no CUDA device here)")
+            names.remove("gpu")
     for name in names:
         path = _find_suite(name)
         spec = importlib.util.spec_from_file_location(f"tiltflow_bench_{name}", path)
