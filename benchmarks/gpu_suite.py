@@ -98,9 +98,12 @@ def per_step_rows(device, quick: bool) -> list[dict]:
             times = {}
             for steps in (10, 50):
                 grid = tf.solvers.grids.uniform(steps)
-                with torch.no_grad():
-                    times[steps] = _timed(lambda: tf.solvers.solve(den, noise, grid, name,  # noqa: B023
-                                                                   cond=cond), reps)
+
+                def go(den=den, noise=noise, grid=grid, name=name, cond=cond):
+                    with torch.no_grad():
+                        tf.solvers.solve(den, noise, grid, name, cond=cond)
+
+                times[steps] = _timed(go, reps)
             us = (times[50] - times[10]) / 40 * 1e6
             rows.append({"bed": bed, "method": name, "role": "ours", "nfe": None,
                          "metric": "us_per_step", "value": round(us, 1), "floor": None,
