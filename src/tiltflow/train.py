@@ -271,7 +271,17 @@ def _make_accelerator(cfg: TrainConfig):
     if not gpu and mp != "no":
         log.warning("note: mixed_precision=%s needs a GPU; training in float32 on CPU", mp)
         mp = "no"
-    return Accelerator(cpu=not gpu, mixed_precision=mp)
+    try:
+        return Accelerator(cpu=not gpu, mixed_precision=mp)
+    except ValueError as e:
+        if "already been initialized" not in str(e):
+            raise
+        # accelerate keeps one process-wide state; a second train() call in the same process
+        # (a notebook, a sweep) with another precision resets it, keeping the process group.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(cpu=not gpu, mixed_precision=mp)
 
 
 def _total_norm(params) -> torch.Tensor:

@@ -12,8 +12,11 @@ def _randn_like(x, generator):
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _record_step(record, grid, i, x, x_next, pred, mean, std):
-    """Append step ``i``'s Gaussian transition (``std=None``: a deterministic step)."""
+def _record_step(record, grid, i, x, x_next, pred, mean, std: float | None):
+    """Append step ``i``'s Gaussian transition (``std=None``: a deterministic step). The std
+    becomes a tensor only here, so a sampler without ``record`` copies nothing to the device."""
+    if std is not None:
+        std = torch.full((), std, dtype=x.dtype, device=x.device)
     lp = None if std is None else gaussian_log_prob(x_next, mean, std)
     record.append(StepRecord(float(grid[i]), float(grid[i + 1]), x, x_next, pred.data, mean, std, lp))
 
@@ -46,14 +49,13 @@ def posterior_steps(denoiser, x_init, grid, eta, cond, guidance, generator, reco
     ts = grid.tolist()
     a_next, eps_coef, std = posterior_coefficients(denoiser, grid, eta)
     a_next, eps_coef, std_list = a_next.tolist(), eps_coef.tolist(), std.tolist()
-    stds = std.to(device=x_init.device, dtype=x_init.dtype)
     x = x_init
     for i in range(len(a_next)):
         pred = predict(x, ts[i])
         mean = pred.combine(data=a_next[i], noise=eps_coef[i])
         x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
         if record is not None:
-            _record_step(record, grid, i, x, x_next, pred, mean, stds[i] if std_list[i] > 0 else None)
+            _record_step(record, grid, i, x, x_next, pred, mean, std_list[i] if std_list[i] > 0 else None)
         x = x_next
     return x
 
@@ -87,7 +89,6 @@ def euler_maruyama(denoiser, x_init, grid, *, cond=None, guidance=None, generato
     std = (g2 * dts.abs()).sqrt()
     std[grid[1:] == 0] = 0.0
     half_g2, dt_list, std_list = (0.5 * g2).tolist(), dts.tolist(), std.tolist()
-    stds = std.to(device=x_init.device, dtype=x_init.dtype)
     predict = Predictor(denoiser, cond, guidance, times=grid)
     ts = grid.tolist()
     x = x_init
@@ -96,6 +97,6 @@ def euler_maruyama(denoiser, x_init, grid, *, cond=None, guidance=None, generato
         mean = pred.combine(x_t=1.0, velocity=dt, score=-dt * half_g2[i])
         x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
         if record is not None:
-            _record_step(record, grid, i, x, x_next, pred, mean, stds[i] if std_list[i] > 0 else None)
+            _record_step(record, grid, i, x, x_next, pred, mean, std_list[i] if std_list[i] > 0 else None)
         x = x_next
     return x

@@ -30,14 +30,17 @@ _PURE_NOISE_LEVEL = 1e8  # noise levels sigma/alpha above this are treated as pu
 
 
 def _record(record, t, t_next, x, x_next, data, mean=None, std=None):
-    """Append one move; ``std`` (a tensor broadcasting against ``x``) marks a Gaussian move."""
+    """Append one move; ``std`` (a float, or a tensor broadcasting against ``x``) marks a
+    Gaussian move."""
+    if std is not None and not torch.is_tensor(std):
+        std = _std_tensor(std, x)
     lp = None if std is None else gaussian_log_prob(x_next, mean, std)
     record.append(StepRecord(float(t), float(t_next), x, x_next, data,
                              mean if std is not None else None, std, lp))
 
 
 def _std_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(value, dtype=x.dtype, device=x.device)
+    return torch.full((), value, dtype=x.dtype, device=x.device)  # a fill: no host-device copy
 
 
 def _refuse_pure_noise(denoiser, grid, name: str):
@@ -113,9 +116,8 @@ def edm_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
         plan.append((t_hat, scale, churn_std, r_form, float(g64[i + 1]) > 0, a_n, sg_n, half_gap))
 
     predict = Predictor(denoiser, cond, guidance)
-    dev = x_init.device
-    t_hats = torch.tensor([p[0] for p in plan], dtype=torch.float64, device=dev)
-    ts = g64.to(dev)
+    t_hats = [p[0] for p in plan]  # python floats: no host-to-device copy
+    ts = g64.tolist()
     x = x_init
     for i, (_, scale, churn_std, r_form, correct, a_n, sg_n, half_gap) in enumerate(plan):
         x_hat = x
@@ -196,10 +198,9 @@ def dpmpp_2m_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=
     noise_frac = noise_frac if eta > 0 else torch.zeros_like(h)
     std = s_noise * sg_n * noise_frac.clamp_min(0).sqrt()
     c_x, c_d0, second, std_list = c_x.tolist(), c_d0.tolist(), second.tolist(), std.tolist()
-    stds = std.to(device=x_init.device, dtype=x_init.dtype)
 
     predict = Predictor(denoiser, cond, guidance)
-    ts = grid.to(device=x_init.device, dtype=torch.float64)
+    ts = grid.tolist()
     x, data_prev = x_init, None
     for i in range(len(c_x)):
         pred = predict(x, ts[i])
@@ -210,7 +211,7 @@ def dpmpp_2m_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=
         x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
         if record is not None:
             _record(record, grid[i], grid[i + 1], x, x_next, data, mean,
-                    stds[i] if std_list[i] > 0 else None)
+                    std_list[i] if std_list[i] > 0 else None)
         x, data_prev = x_next, data
     return x
 
@@ -270,10 +271,9 @@ def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, reco
     if not bool(torch.isfinite(std).all()):
         raise ValueError(f"pc: non-finite noise for schedule {denoiser.schedule!r} on this grid")
     std_list = std.tolist()
-    stds = std.to(device=x_init.device, dtype=x_init.dtype)
 
     predict = Predictor(denoiser, cond, guidance)
-    ts = g64.to(x_init.device)
+    ts = g64.tolist()
     x = x_init
     for i in range(len(std_list)):
         for _ in range(corrector_steps):  # Langevin corrector at t_i
@@ -294,7 +294,7 @@ def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, reco
         x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
         if record is not None:
             _record(record, grid[i], grid[i + 1], x, x_next, pred.data, mean,
-                    stds[i] if std_list[i] > 0 else None)
+                    std_list[i] if std_list[i] > 0 else None)
         x = x_next
     return x
 
@@ -347,7 +347,7 @@ def annealed_langevin(denoiser, x_init, grid, *, cond=None, guidance=None, gener
     n = len(drift)
 
     predict = Predictor(denoiser, cond, guidance)
-    ts = g64.to(x_init.device)
+    ts = g64.tolist()
     x = x_init
     for i in range(n):
         std_i = None
