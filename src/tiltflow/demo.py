@@ -163,5 +163,14 @@ def run_demo(out_dir="runs/demo", quick: bool = False) -> Path:
     for part in PARTS:
         part(out, report, quick)
         report.write()  # write after every part, so a long demo shows progress
-    report.sections[0].text += f"\n\nWhole demo: {time.perf_counter() - start:.0f} s."
+    import os
+    import platform
+
+    from . import __version__
+
+    report.section("About this run", (
+        f"tiltflow {__version__}, torch {torch.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores{', CUDA' if torch.cuda.is_available() else ''}; "
+        f"the whole demo took {time.perf_counter() - start:.0f} s."
+        + (" Quick mode: tiny budgets, the numbers mean nothing." if quick else "")))
     return report.write()
