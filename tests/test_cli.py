@@ -106,3 +106,14 @@ def test_fit_solver_then_sample_with_it(trained_run, tmp_path, capsys):
     code, out, err = run(["fit-solver", str(trained_run), "--nfe", "4", "--out", str(tmp_path / "x"),
                           "--kind", "bns", "--base", "nosuch"], capsys)
     assert code == 2 and "nosuch" in err
+
+
+def test_demo_quick_writes_a_report_with_every_section(tmp_path, capsys):
+    code, out, err = run(["demo", "--quick", "--out", str(tmp_path / "demo")], capsys)
+    assert code == 0, err
+    html = (tmp_path / "demo" / "report.html").read_text()
+    for title in ("eight Gaussians", "digits", "solvers", "About this run"):
+        assert title in html
+    for png in ("eight_gaussians_samples.png", "digits_samples.png", "digits_real.png",
+                "solvers_error_vs_nfe.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 1000
