@@ -107,14 +107,85 @@ def test_refined_bespoke_is_consistent(bed):
     assert slope > 1.5, (errs, slope)  # midpoint: order 2
 
 
-def test_optimized_grid_is_monotone_and_helps(bed):
-    den, train, ref, test, ref_test = bed["vp"]
-    grid = B.optimize_grid(den, 4, "euler", noises=train, reference=ref, steps=150, init="uniform")
-    assert grid.dtype == torch.float64 and len(grid) == 5
+@pytest.mark.parametrize("key", ["rf", "vp"])
+def test_optimized_grid_beats_the_uniform_grid_on_held_out_noises(key):
+    """Adam through the differentiable UniPC (the default base) at NFE 6, fitted on 256 noises,
+    judged on 1024 others. Measured ratio to the uniform grid ~0.67 on both schedules (see
+    benchmarks/results/bespoke.md); asserted: a clear gain (< 0.9), the grid strictly decreasing
+    from 1 to exactly 0, float64, and exactly 6 network calls through tiltflow.sample."""
+    den = GMM.denoiser(SCHEDS[key])
+    train, test = _noise(256, 10), _noise(1024, 11)
+    ref = B.reference_solve(den, B._start(den, train))
+    ref_test = B.reference_solve(den, B._start(den, test))
+    fitted = B.fit_grid(den, 6, noises=train, reference=ref)
+    grid = fitted.grid
+    assert fitted.base == "unipc" and fitted.fit_info["optimizer"] == "adam"
+    assert grid.dtype == torch.float64 and len(grid) == 7
     assert float(grid[0]) == 1.0 and float(grid[-1]) == 0.0 and bool((grid[1:] < grid[:-1]).all())
-    uniform = float(B.endpoint_rmse(tf.sample(den, test, "euler", nfe=4), ref_test))
-    tuned = float(B.endpoint_rmse(tf.sample(den, test, "euler", nfe=4, grid=grid), ref_test))
-    assert tuned < uniform
+    uniform = float(B.endpoint_rmse(tf.sample(den, test, "unipc", nfe=6), ref_test))
+    calls = []
+
+    def counting(x_t, t, cond=None):
+        calls.append(1)
+        return GMM.posterior_mean(x_t, t, den.schedule)
+
+    cden = tf.Denoiser.from_fn(counting, den.schedule, "data")
+    tuned = float(B.endpoint_rmse(tf.sample(cden, test, "unipc", nfe=6, grid=grid), ref_test))
+    assert len(calls) == 6
+    assert tuned < 0.9 * uniform, (tuned, uniform)
+    # the validation noises pick the best grid seen, the start grid included
+    assert fitted.fit_info["val_rmse"] <= fitted.fit_info["init_rmse"] * 1.5
+
+
+@pytest.mark.parametrize("solver", sorted(B.GRID_SOLVERS))
+def test_differentiable_twin_matches_the_registered_solver(solver):
+    """Same grid -> same endpoint as the registered solver (float64 rounding, 1e-10), on every
+    default grid and on schedules with alpha = 0 at t = 1 (rf), a discrete VP table and EDM; and
+    its gradient in the grid matches central differences of the registered solver."""
+    noise = _noise(32, 5)
+    for sched in (S.RectifiedFlow(), S.VPDiscrete.linear(), S.EDM()):
+        den = GMM.denoiser(sched)
+        x0 = B._start(den, noise)
+        for name in tf.solvers.grids.available():
+            for steps in (3, 6):
+                grid = tf.solvers.grids.get_grid(name, steps, sched)
+                torch.testing.assert_close(B.differentiable_solve(den, x0, grid, solver),
+                                           tf.solvers.solve(den, x0, grid, solver),
+                                           rtol=0, atol=1e-10)
+    den = GMM.denoiser(S.VPDiscrete.linear())
+    x0 = B._start(den, noise)
+    ref = B.reference_solve(den, x0)
+    theta = 0.3 * torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    th = theta.clone().requires_grad_()
+    B.endpoint_rmse(B.differentiable_solve(den, x0, B._grid_from_theta(th, 1.0), solver),
+                    ref).backward()
+
+    def loss(v):
+        return float(B.endpoint_rmse(tf.solvers.solve(den, x0, B._grid_from_theta(v, 1.0),
+                                                      solver), ref))
+
+    eps = 1e-6  # central differences: truncation O(eps^2), rounding O(1e-16 / eps) ~ 1e-10
+    fd = torch.tensor([(loss(theta + eps * e) - loss(theta - eps * e)) / (2 * eps)
+                       for e in torch.eye(5, dtype=torch.float64)], dtype=torch.float64)
+    torch.testing.assert_close(th.grad, fd, rtol=1e-5, atol=1e-8)
+
+
+def test_grid_fitting_options_and_errors(bed):
+    den, train, ref, test, ref_test = bed["vp"]
+    nm = B.fit_grid(den, 4, "euler", noises=train, reference=ref, steps=150, init="uniform",
+                    method="nelder_mead")
+    grid = nm.grid
+    assert nm.fit_info["optimizer"] == "nelder-mead" and len(grid) == 5
+    assert float(grid[0]) == 1.0 and float(grid[-1]) == 0.0 and bool((grid[1:] < grid[:-1]).all())
+    assert nm.fit_info["train_rmse"] <= nm.fit_info["init_rmse"]
+    with pytest.raises(ValueError, match="method must be"):
+        B.fit_grid(den, 4, noises=train, reference=ref, method="lbfgs")
+    with pytest.raises(ValueError, match="nelder_mead"):
+        B.fit_grid(den, 4, "ipndm", noises=train, reference=ref)
+    with pytest.raises(ValueError, match="stochastic"):
+        B.fit_grid(den, 4, "ddpm", noises=train, reference=ref)
+    with pytest.raises(ValueError, match="no differentiable version"):
+        B.differentiable_solve(den, B._start(den, test), torch.tensor([1.0, 0.0]), "rk4")
 
 
 def test_save_load_round_trip_and_registry(bed, tmp_path):

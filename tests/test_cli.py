@@ -117,3 +117,13 @@ def test_demo_quick_writes_a_report_with_every_section(tmp_path, capsys):
     for png in ("eight_gaussians_samples.png", "digits_samples.png", "digits_real.png",
                 "solvers_error_vs_nfe.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
+
+
+def test_fit_solver_grid_kind(trained_run, tmp_path, capsys):
+    out = tmp_path / "grid6.safetensors"
+    code, _, err = run(["fit-solver", str(trained_run), "--nfe", "6", "--kind", "grid",
+                        "--num-noises", "32", "--steps", "5", "--out", str(out)], capsys)
+    assert code == 0, err
+    code, _, err = run(["fit-solver", str(trained_run), "--nfe", "6", "--kind", "grid", "--base",
+                        "ipndm", "--num-noises", "16", "--steps", "5", "--out", str(out)], capsys)
+    assert code == 0, err  # no differentiable copy of ipndm: Nelder-Mead

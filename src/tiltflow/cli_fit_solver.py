@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-_DEFAULT_BASE = {"bespoke": "midpoint", "bns": "ddim", "grid": "ddim"}
-_DEFAULT_STEPS = {"bespoke": 400, "bns": 600, "grid": 1500}
+_DEFAULT_BASE = {"bespoke": "midpoint", "bns": "ddim", "grid": "unipc"}
+_DEFAULT_STEPS = {"bespoke": 400, "bns": 600, "grid": 800}
 
 
 def add_parser(subparsers):
@@ -30,10 +30,10 @@ def add_parser(subparsers):
     p.add_argument("--base", default=None,
                    help="base solver: bespoke euler|midpoint (default midpoint); bns: a linear "
                         "registered solver to start from (default ddim); grid: the registered "
-                        "solver whose grid is optimised (default ddim)")
+                        "solver whose grid is optimised (default unipc)")
     p.add_argument("--num-noises", type=int, default=256, help="training noises (default 256)")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimiser iterations (default: bespoke 400, bns 600, grid 1500 solves)")
+                   help="optimiser iterations (default: bespoke 400, bns 600, grid 800)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training noises")
     p.add_argument("--label", type=int, default=None,
                    help="class label for conditional models (default: labels cycle over classes)")
@@ -93,7 +93,9 @@ def run(args) -> int:
     ref = B.reference_solve(den, x_init, cond=cond)
     common = dict(noises=noises, reference=ref, cond=cond, model=model, progress=True)
     if args.kind == "grid":
-        fitted = B.fit_grid(den, args.nfe, base, steps=steps, **common)
+        # Adam through a differentiable copy of the solver where one exists, else Nelder-Mead
+        method = "adam" if base in B.GRID_SOLVERS else "nelder_mead"
+        fitted = B.fit_grid(den, args.nfe, base, steps=steps, method=method, **common)
     elif args.kind == "bespoke":
         fitted = B.BespokeSolver.fit(den, args.nfe, base, steps=steps, **common)
     else:

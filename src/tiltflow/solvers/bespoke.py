@@ -5,8 +5,10 @@ Three kinds, all fitted on a few hundred noises by minimising the **plain endpoi
 the same probability-flow ODE (:func:`reference_solve`):
 
 - :func:`fit_grid` / :func:`optimize_grid` -- only the time grid of an existing registered
-  solver is optimised (monotone parameterisation: softmax of the increments), derivative-free
-  (Nelder-Mead), so it works with every registered solver and with non-differentiable models.
+  solver is optimised (monotone parameterisation: softmax of the increments), by Adam through a
+  differentiable twin of the solver (:func:`differentiable_solve`: ddim, euler, heun, midpoint,
+  dpmpp_2m, unipc; default unipc), early-stopped on held-out validation noises; or
+  derivative-free (``method="nelder_mead"``) for any deterministic registered solver.
 - :class:`BespokeSolver` -- Shaul et al. 2023, "Bespoke Solvers for Generative Flow Models"
   (ICLR 2024): a scale-time transformation of the base RK1 (Euler) / RK2 (midpoint) solver.
 - :class:`BNSSolver` -- Shaul et al. 2024, "Bespoke Non-Stationary Solvers for Fast Sampling of
@@ -61,6 +63,8 @@ __all__ = [
     "optimize_grid",
     "fit_grid",
     "FittedGrid",
+    "differentiable_solve",
+    "GRID_SOLVERS",
     "BespokeSolver",
     "BNSSolver",
     "load",
@@ -341,6 +345,199 @@ def load(path) -> _Fitted:
         raise _bad(path, str(e)) from None
 
 
+# -- differentiable twins of registered solvers (gradient-based grid fitting) ------------------
+#
+# The registered solvers turn the grid into python-float coefficients before their loop (fast,
+# but not differentiable in the grid). A twin below runs the SAME update rules with every
+# coefficient a float64 tensor function of the grid times, evaluating the schedule and the model
+# at time tensors that carry gradients, so the endpoint RMSE can be differentiated with respect
+# to the grid. Each twin reproduces its registered solver (default options) to float64 rounding
+# (tests/test_bespoke.py checks 1e-10). Branches that depend on the grid (singular steps at an
+# infinite log-SNR, warm-up orders) are decided from the current float values, as the
+# registered solver does.
+
+class _Times:
+    """Schedule coefficients at each grid point as 0-d float64 tensors. The fixed end points
+    (``grid[0]``, ``grid[-1]``) are evaluated on detached values, so their infinities (log-SNR at
+    alpha = 0 or sigma = 0, VP's ``sigma'`` at t = 0) never enter a gradient."""
+
+    def __init__(self, schedule, grid: torch.Tensor):
+        self.schedule = schedule
+        self.grid = grid
+        self.n = len(grid) - 1
+        self.f = grid.detach().tolist()
+        ends = schedule(grid.detach()[[0, self.n]])
+        inner = schedule(grid[1:-1]) if self.n > 1 else None
+        cols = []
+        for name in ("alpha", "sigma", "d_alpha", "d_sigma"):
+            e = getattr(ends, name).to(_F64)
+            mid = [getattr(inner, name).to(_F64)] if inner is not None else []
+            cols.append(list(torch.cat([e[:1], *mid, e[1:]]).unbind()))
+        self.alpha, self.sigma, self.d_alpha, self.d_sigma = cols
+        c = schedule(grid.detach())
+        self.alpha_f, self.sigma_f = c.alpha.tolist(), c.sigma.tolist()
+
+    def t(self, i: int) -> torch.Tensor:
+        return self.grid[i] if 0 < i < self.n else self.grid[i].detach()
+
+    def lam(self, i: int) -> torch.Tensor:
+        """Half log-SNR ``log(alpha / sigma)`` at grid point ``i`` (finite points only)."""
+        return torch.log(self.alpha[i]) - torch.log(self.sigma[i])
+
+
+def _predict_at(denoiser, x, t, cond):
+    """The model's prediction at a time tensor ``t`` (0-d, may require grad): the schedule's
+    coefficients are computed from ``t`` inside the denoiser, so they are differentiable."""
+    return denoiser(x, t.reshape(1).expand(x.shape[0]).to(x.dtype), cond)
+
+
+def _twin_euler(den, x, tm: _Times, cond):
+    for i in range(tm.n):
+        v = _predict_at(den, x, tm.t(i), cond).velocity
+        x = x + (tm.t(i + 1) - tm.t(i)) * v
+    return x
+
+
+def _twin_ddim(den, x, tm: _Times, cond):
+    for i in range(tm.n):
+        pred = _predict_at(den, x, tm.t(i), cond)
+        x = tm.alpha[i + 1] * pred.data + tm.sigma[i + 1] * pred.noise
+    return x
+
+
+def _twin_heun(den, x, tm: _Times, cond):
+    for i in range(tm.n):
+        dt = tm.t(i + 1) - tm.t(i)
+        v = _predict_at(den, x, tm.t(i), cond).velocity
+        x_next = x + dt * v
+        if tm.f[i + 1] > 0:
+            x_next = x + 0.5 * dt * (v + _predict_at(den, x_next, tm.t(i + 1), cond).velocity)
+        x = x_next
+    return x
+
+
+def _twin_midpoint(den, x, tm: _Times, cond):
+    for i in range(tm.n):
+        h = tm.t(i + 1) - tm.t(i)
+        k1 = _predict_at(den, x, tm.t(i), cond).velocity
+        k2 = _predict_at(den, x + 0.5 * h * k1, (tm.t(i) + tm.t(i + 1)) / 2, cond).velocity
+        x = x + h * k2
+    return x
+
+
+def _twin_dpmpp_2m(den, x, tm: _Times, cond):
+    """DPM-Solver++(2M), as :func:`tiltflow.solvers.dpm.dpmpp_2m` (lower_order_final=True)."""
+    from .dpm import LAMBDA_LIMIT, _singular
+
+    lam_f = (0.5 * tm.schedule.logsnr(tm.grid.detach())).tolist()
+    n = tm.n
+    first_finite = next((i for i, v in enumerate(lam_f) if v >= -LAMBDA_LIMIT), n)
+    prev = None
+    for i in range(n):
+        m = _predict_at(den, x, tm.t(i), cond).data
+        a_s, s_s, a_t, s_t = tm.alpha[i], tm.sigma[i], tm.alpha[i + 1], tm.sigma[i + 1]
+        if _singular(lam_f[i], lam_f[i + 1]):
+            x_next = (s_t / s_s) * x + (a_t - s_t * a_s / s_s) * m
+        else:
+            p = min(2, i - first_finite + 1, n - i if n < 15 else 2)
+            h = tm.lam(i + 1) - tm.lam(i)
+            b = -a_t * torch.expm1(-h)
+            x_next = (s_t / s_s) * x
+            if p == 1:
+                x_next = x_next + b * m
+            else:
+                r0 = (tm.lam(i) - tm.lam(i - 1)) / h
+                x_next = x_next + b * (1 + 1 / (2 * r0)) * m - b / (2 * r0) * prev
+        prev = m
+        x = x_next
+    return x
+
+
+def _twin_unipc(den, x, tm: _Times, cond):
+    """UniPC-2 with B(h) = e^h - 1, as :func:`tiltflow.solvers.multistep.unipc` (order=2,
+    variant="bh2", lower_order_final=True)."""
+    from .multistep import _pure_noise
+
+    order, n = 2, tm.n
+    noise_only = [_pure_noise(a, s) for a, s in zip(tm.alpha_f, tm.sigma_f, strict=True)]
+    hist: list[torch.Tensor] = []
+    pending = None
+    for i in range(n):
+        if pending is None:
+            pending = _predict_at(den, x, tm.t(i), cond).data
+        hist = [pending, *hist][:order]
+        pending = None
+        a_t, s_t, s_s = tm.alpha[i + 1], tm.sigma[i + 1], tm.sigma[i]
+        if tm.sigma_f[i + 1] == 0.0:  # step to sigma = 0: x' = alpha_t x_hat
+            x = a_t * hist[0]
+            continue
+        corrector = i < n - 1
+        if noise_only[i]:  # out of pure noise: bh2's limit (see _unipc_step_plan)
+            x_pred = (s_t / s_s) * x
+            x_pred = x_pred + a_t * hist[0]
+            if corrector:
+                pending = _predict_at(den, x_pred, tm.t(i + 1), cond).data
+                x = (s_t / s_s) * x + 0.5 * a_t * hist[0] + 0.5 * a_t * pending
+            else:
+                x = x_pred
+            continue
+        p = 1
+        while p < min(order, i + 1) and not noise_only[i - p]:
+            p += 1
+        if n < 10:
+            p = min(p, n - i)
+        lam_s, lam_t = tm.lam(i), tm.lam(i + 1)
+        h = lam_t - lam_s
+        hh = -h
+        h_phi_1 = torch.expm1(hh)
+        c_x = s_t / s_s
+        base = -a_t * h_phi_1
+        b_h = h_phi_1
+        rks = [(tm.lam(i - k) - lam_s) / h for k in range(1, p)] + [torch.ones((), dtype=_F64)]
+        bs, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
+        for j in range(p):
+            bs.append(h_phi_k * fact / b_h)
+            fact *= j + 2
+            h_phi_k = h_phi_k / hh - 1.0 / fact
+        x_pred = c_x * x + base * hist[0]
+        if p >= 2:  # UniP-2: rho = 1/2
+            w = -a_t * b_h * 0.5 / rks[0]
+            x_pred = x_pred + w * (hist[1] - hist[0])
+        if not corrector:
+            x = x_pred
+            continue
+        pending = _predict_at(den, x_pred, tm.t(i + 1), cond).data
+        if p == 1:
+            rhos_c = [torch.full((), 0.5, dtype=_F64)]
+        else:
+            R = torch.stack([torch.stack([r**j for r in rks]) for j in range(p)])
+            rhos_c = list(torch.linalg.solve(R, torch.stack(bs)).unbind())
+        x_next = c_x * x + base * hist[0]
+        for k in range(1, p):
+            x_next = x_next + (-a_t * b_h * rhos_c[k - 1] / rks[k - 1]) * (hist[k] - hist[0])
+        x = x_next + (-a_t * b_h * rhos_c[-1]) * (pending - hist[0])
+    return x
+
+
+_TWINS = {"euler": _twin_euler, "ddim": _twin_ddim, "heun": _twin_heun,
+          "midpoint": _twin_midpoint, "dpmpp_2m": _twin_dpmpp_2m, "unipc": _twin_unipc}
+
+
+def differentiable_solve(denoiser, x_init: torch.Tensor, grid: torch.Tensor,
+                         solver: str = "ddim", *, cond=None) -> torch.Tensor:
+    """Run ``solver`` (one of ``ddim, euler, heun, midpoint, dpmpp_2m, unipc``, with their
+    default options) on ``grid`` differentiably in the grid times: the same result as
+    ``tiltflow.solvers.solve(denoiser, x_init, grid, solver)`` (to float64 rounding), and
+    gradients flow to the interior grid times (the end points are held fixed)."""
+    if solver not in _TWINS:
+        raise ValueError(f"no differentiable version of solver {solver!r}; use one of "
+                         f"{sorted(_TWINS)} or method='nelder_mead'")
+    grid = grid.to(_F64)
+    if grid.dim() != 1 or len(grid) < 2:
+        raise ValueError("grid must be a 1-D tensor of at least 2 times")
+    return _TWINS[solver](denoiser, x_init, _Times(denoiser.schedule, grid), cond)
+
+
 # -- optimized grid ---------------------------------------------------------------------------
 
 class FittedGrid(_Fitted):
@@ -385,53 +582,168 @@ def _grid_from_logits(theta: torch.Tensor, t_start: float) -> torch.Tensor:
     return grid
 
 
-def fit_grid(denoiser, nfe: int, solver: str = "ddim", *, noises: torch.Tensor,
+def _grid_from_theta(theta: torch.Tensor, t_start: float) -> torch.Tensor:
+    """``t_start (1 - cumsum(softmax(theta)))`` with the end points exactly ``t_start`` and 0
+    (constants, so no gradient reaches them): strictly decreasing by construction."""
+    inner = t_start * (1 - torch.cumsum(torch.softmax(theta, 0), 0)[:-1])
+    return torch.cat([torch.full((1,), t_start, dtype=_F64), inner, torch.zeros(1, dtype=_F64)])
+
+
+GRID_SOLVERS = tuple(sorted(_TWINS))
+
+
+def fit_grid(denoiser, nfe: int, solver: str = "unipc", *, noises: torch.Tensor,
              reference: torch.Tensor | None = None, init: str | torch.Tensor | list = "auto",
-             steps: int = 1500, cond=None, model: dict | None = None,
+             steps: int | None = None, method: str = "adam", lr: float = 0.02,
+             batch_size: int | None = 256, val_fraction: float = 0.25, patience: int = 30,
+             seed: int = 0, cond=None, model: dict | None = None,
              progress: bool = False) -> FittedGrid:
     """The "optimized grid" of issue 3: only the time steps of the registered ``solver`` are
     optimised for ``denoiser`` at exactly ``nfe`` evaluations (the learned-timestep baseline of
-    Shaul et al. 2023/2024; cf. Sabour et al. 2024, "Align Your Steps", for the idea).
+    Shaul et al. 2023, sec. 4, and 2024, sec. 5; cf. Sabour et al. 2024, "Align Your Steps",
+    and Watson et al. 2021, "Learning to Efficiently Sample from Diffusion Probabilistic Models",
+    for optimised step schedules).
 
-    The grid from t = 1 to t = 0 is ``1 - cumsum(softmax(theta))`` (strictly decreasing by
-    construction); ``theta`` minimises the endpoint RMSE to ``reference`` (default
-    :func:`reference_solve`) on ``noises`` by Nelder-Mead with at most ``steps`` evaluations of
-    the solver, so no gradient through the solver or model is needed. ``init``: a grid name,
-    "auto" (the best of uniform / logsnr / karras / shifted at the start), or a grid tensor.
+    The grid from t = 1 to t = 0 is ``1 - cumsum(softmax(theta))`` (strictly decreasing, exact
+    end points); ``theta`` minimises the endpoint RMSE to ``reference`` (default
+    :func:`reference_solve`) on ``noises``.
+
+    ``method="adam"`` (default): gradient descent through a differentiable re-implementation of
+    the solver (:func:`differentiable_solve`; ``solver`` in :data:`GRID_SOLVERS`, default
+    options). ``noises`` are split (seeded) into a training part and a validation part of
+    ``val_fraction``; Adam (``lr``, cosine decay, minibatches of ``batch_size``) runs at most
+    ``steps`` iterations (default 800) on the training part; every 10 iterations the
+    validation RMSE of the registered solver on the current grid is measured, the best grid by
+    it is kept (the start grid included, so the result is never worse than the start on the
+    validation noises), and fitting stops after ``patience`` checks without improvement.
+
+    ``method="nelder_mead"``: derivative-free Nelder-Mead over ``theta`` with at most
+    ``steps`` (default 1500) solver runs on all ``noises``; works with every deterministic
+    registered solver and with non-differentiable models, but overfits and converges poorly
+    (see benchmarks/results/bespoke.md).
+
+    ``init``: a grid name, "auto" (the best of uniform / logsnr / karras / shifted on the
+    training noises), or a grid tensor of the right length from 1 to 0.
     """
     from . import grids as grids_mod
     from . import solve as run_solver
 
+    if method not in ("adam", "nelder_mead"):
+        raise ValueError(f"method must be 'adam' or 'nelder_mead', got {method!r}")
     info = get_solver(solver)
     if info.stochastic:
         raise ValueError(f"{solver!r} is stochastic; optimise the grid of a deterministic solver")
+    if method == "adam" and solver not in _TWINS:
+        raise ValueError(f"method='adam' needs a differentiable solver, one of "
+                         f"{list(GRID_SOLVERS)}; got {solver!r} (or use method='nelder_mead')")
     n = info.steps_for_nfe(int(nfe))
     x_init, ref = _targets(denoiser, noises, reference, cond)
+    ref = ref.to(_F64)
     t0 = time.perf_counter()
+    pool = ref.shape[0]
+    if method == "adam" and pool >= 8 and val_fraction > 0:
+        perm = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
+        n_val = min(pool - 4, max(1, round(pool * val_fraction)))
+        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    else:
+        val_idx, tr_idx = None, torch.arange(pool)
 
-    def loss_of(grid) -> float:
+    def loss_of(grid, idx=None) -> float:
+        x0, c, r = (x_init, cond, ref) if idx is None else (x_init[idx], _take(cond, idx),
+                                                            ref[idx])
         with torch.no_grad():
-            x = run_solver(denoiser, x_init, grid, solver, cond=cond)
-        v = float(endpoint_rmse(x.to(_F64), ref.to(_F64)))
+            x = run_solver(denoiser, x0, grid, solver, cond=c)
+        v = float(endpoint_rmse(x.to(_F64), r))
         return v if math.isfinite(v) else 1e30
 
     if isinstance(init, str):
         names = grids_mod.available() if init == "auto" else [init]
-        cands = [grids_mod.get_grid(name, n, denoiser.schedule) for name in names]
+        cands = [(name, grids_mod.get_grid(name, n, denoiser.schedule)) for name in names]
     else:
-        cands = [torch.as_tensor(init, dtype=_F64)]
-    cands = [g for g in cands if len(g) == n + 1 and float(g[0]) == 1.0]
+        cands = [("given", torch.as_tensor(init, dtype=_F64).flatten())]
+    cands = [(k, g) for k, g in cands if len(g) == n + 1 and float(g[0]) == 1.0
+             and float(g[-1]) == 0.0 and bool((g[1:] < g[:-1]).all())]
     if not cands:
-        raise ValueError(f"init must give a grid of {n} steps from t=1 to 0")
-    start = min(cands, key=loss_of)
+        raise ValueError(f"init must give a strictly decreasing grid of {n} steps from t=1 to 0")
+    init_name, start = min(cands, key=lambda kg: loss_of(kg[1], tr_idx))
     inc = (start[:-1] - start[1:]).clamp_min(1e-12)
     theta0 = torch.log(inc / inc.sum())
-    bar = _progress(steps, f"grid {solver} nfe={nfe}", progress)
+    fit = {"loss": "endpoint_rmse", "num_noises": int(pool), "init": init_name,
+           "init_rmse": loss_of(start)}
+    if n == 1:
+        grid = start
+        fit.update(optimizer="none", train_rmse=fit["init_rmse"])
+    elif method == "adam":
+        grid, extra = _fit_grid_adam(denoiser, solver, x_init, ref, cond, theta0, tr_idx,
+                                     val_idx, loss_of, steps=800 if steps is None else steps,
+                                     lr=lr, batch_size=batch_size, patience=patience,
+                                     seed=seed, desc=f"grid {solver} nfe={nfe}",
+                                     progress=progress)
+        fit.update(extra)
+    else:
+        grid, extra = _fit_grid_nelder_mead(theta0, loss_of, 1500 if steps is None else steps,
+                                            desc=f"grid {solver} nfe={nfe}", progress=progress)
+        fit.update(extra)
+    fit["seconds"] = round(time.perf_counter() - t0, 3)
+    return FittedGrid(grid, nfe=int(nfe), base=solver, schedule=denoiser.schedule, model=model,
+                      fit=fit)
+
+
+def _fit_grid_adam(denoiser, solver, x_init, ref, cond, theta0, tr_idx, val_idx, loss_of, *,
+                   steps, lr, batch_size, patience, seed, desc, progress):
+    theta = theta0.clone().requires_grad_()
+    opt = torch.optim.Adam([theta], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=lr / 20)
+    gen = torch.Generator().manual_seed(seed + 1)
+    check_idx = val_idx if val_idx is not None else tr_idx
+    best = loss_of(_grid_from_theta(theta0, 1.0), check_idx)
+    best_theta, bad, it = theta0.clone(), 0, 0
+    bar = _progress(steps, desc, progress)
+    for it in range(1, steps + 1):
+        idx = tr_idx
+        if batch_size is not None and batch_size < len(tr_idx):
+            idx = tr_idx[torch.randperm(len(tr_idx), generator=gen)[:batch_size]]
+        opt.zero_grad(set_to_none=True)
+        x = differentiable_solve(denoiser, x_init[idx], _grid_from_theta(theta, 1.0), solver,
+                                 cond=_take(cond, idx))
+        loss = endpoint_rmse(x.to(_F64), ref[idx])
+        if torch.isfinite(loss):
+            loss.backward()
+            torch.nan_to_num_(theta.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            opt.step()
+        sched.step()
+        if it % 10 == 0 or it == steps:
+            with torch.no_grad():
+                v = loss_of(_grid_from_theta(theta, 1.0), check_idx)
+            if v < best * (1 - 1e-4):
+                best, best_theta, bad = v, theta.detach().clone(), 0
+            else:
+                bad += 1
+            if bar is not None:
+                bar.set_postfix(val_rmse=f"{best:.4g}")
+            if bad >= patience:
+                break
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    grid = _grid_from_theta(best_theta, 1.0).detach()
+    return grid, {"optimizer": "adam", "solver_twin": solver, "iterations": it,
+                  "max_iterations": int(steps), "lr": lr, "batch_size": batch_size,
+                  "num_train": len(tr_idx), "num_val": 0 if val_idx is None else len(val_idx),
+                  "val_rmse": best if val_idx is not None else None,
+                  "train_rmse": loss_of(grid, tr_idx)}
+
+
+def _fit_grid_nelder_mead(theta0, loss_of, steps, *, desc, progress):
+    from scipy.optimize import minimize
+
+    bar = _progress(steps, desc, progress)
     best = [math.inf, theta0.clone()]
 
     def objective(th):
         theta = torch.as_tensor(th, dtype=_F64)
-        v = loss_of(_grid_from_logits(theta, 1.0))
+        v = loss_of(_grid_from_theta(theta, 1.0))
         if v < best[0]:
             best[0], best[1] = v, theta.clone()
         if bar is not None:
@@ -439,24 +751,15 @@ def fit_grid(denoiser, nfe: int, solver: str = "ddim", *, noises: torch.Tensor,
             bar.set_postfix(rmse=f"{best[0]:.4g}")
         return v
 
-    if n > 1:
-        from scipy.optimize import minimize
-
-        minimize(objective, theta0.numpy(), method="Nelder-Mead",
-                 options={"maxfev": int(steps), "xatol": 1e-6, "fatol": 1e-9, "adaptive": True})
-    else:
-        objective(theta0.numpy())
+    minimize(objective, theta0.numpy(), method="Nelder-Mead",
+             options={"maxfev": int(steps), "xatol": 1e-6, "fatol": 1e-9, "adaptive": True})
     if bar is not None:
         bar.close()
-    grid = _grid_from_logits(best[1], 1.0)
-    fit = {"loss": "endpoint_rmse", "optimizer": "nelder-mead", "num_noises": int(ref.shape[0]),
-           "evaluations": int(steps), "train_rmse": best[0],
-           "seconds": round(time.perf_counter() - t0, 3)}
-    return FittedGrid(grid, nfe=int(nfe), base=solver, schedule=denoiser.schedule, model=model,
-                      fit=fit)
+    return _grid_from_theta(best[1], 1.0), {"optimizer": "nelder-mead",
+                                            "evaluations": int(steps), "train_rmse": best[0]}
 
 
-def optimize_grid(denoiser, nfe: int, solver: str = "ddim", *, noises: torch.Tensor,
+def optimize_grid(denoiser, nfe: int, solver: str = "unipc", *, noises: torch.Tensor,
                   reference: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """:func:`fit_grid`'s float64 grid, usable as ``tiltflow.sample(den, noise, solver,
     nfe=nfe, grid=grid)``."""
