@@ -13,7 +13,7 @@ Layout of a run directory::
         state.json            # step, RNG states, data position, config, metrics, file hashes
 
 A checkpoint is first written into a hidden temporary directory next to its final place; every
-file and the directory are fsynced, then the directory is renamed to ``step_XXXXXX`` (an atomic
+file and the directory are fsynced, then the directory is renamed to ``step_NNNNNN`` (an atomic
 operation on POSIX file systems) and ``latest`` is replaced the same way. A crash at any moment
 leaves either the old checkpoint set or the new one, never a half-written ``step_*`` directory.
 ``state.json`` records the SHA-256 of every other file, so a damaged file is reported clearly.
@@ -263,7 +263,7 @@ def save_checkpoint(
     extra: dict | None = None,
     keep: int | None = 3,
 ) -> Path:
-    """Write ``run_dir/step_XXXXXX`` atomically, point ``latest`` at it, keep the newest ``keep``.
+    """Write ``run_dir/step_NNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``.
 
     ``model`` / ``ema``: an ``nn.Module`` or a state dict. ``optimizer``: a
     ``torch.optim.Optimizer`` or its state dict. ``rng``: e.g. ``{"global": capture_rng(),
@@ -345,12 +345,12 @@ def _resolve(path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {str(path)!r} does not exist; pass a run directory or one of "
-                        "its step_XXXXXX directories")
+                        "its step_NNNNNN directories")
     if (path / "state.json").exists() or _STEP_RE.match(path.name):
         return path
     latest = find_latest(path)
     if latest is None:
-        raise UserError(f"no checkpoint in {str(path)!r} (no 'latest' file and no step_XXXXXX "
+        raise UserError(f"no checkpoint in {str(path)!r} (no 'latest' file and no step_NNNNNN "
                         "directory); start a new run or pass the right directory")
     return latest
 
@@ -358,7 +358,7 @@ def _resolve(path) -> Path:
 def _read(path: Path, expected: str | None) -> bytes:
     if not path.is_file():
         raise UserError(f"checkpoint file {str(path)!r} is missing; the checkpoint is incomplete, "
-                        "resume from an earlier step_XXXXXX directory")
+                        "resume from an earlier step_NNNNNN directory")
     data = path.read_bytes()
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise UserError(f"checkpoint file {str(path)!r} is corrupt (checksum mismatch); delete "

@@ -1,7 +1,7 @@
 """Durable, atomic file writes shared by every module that writes files.
 
 :func:`atomic_write_bytes` writes to a hidden temporary file in the target's directory
-(``.NAME.XXXXXXXX.tmp``), flushes and fsyncs it, renames it over the target with
+(``.NAME.<8 random hex>.tmp``), flushes and fsyncs it, renames it over the target with
 ``os.replace`` (atomic on POSIX) and fsyncs the directory so the rename itself persists. A
 failure at any point removes the temporary file and leaves the old target untouched.
 """

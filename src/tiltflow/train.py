@@ -632,7 +632,7 @@ def save_grid(samples: torch.Tensor, path, *, nrow: int | None = None, title: st
 
 def grid_callback(make_samples: Callable[[StepInfo], torch.Tensor], *, name: str = "samples",
                   nrow: int | None = None) -> Callable[[StepInfo], None]:
-    """A callback for :func:`train` that writes ``run_dir/samples/<name>_step_XXXXXX.png`` from
+    """A callback for :func:`train` that writes ``run_dir/samples/<name>_step_NNNNNN.png`` from
     ``make_samples(info)`` (e.g. ``lambda info: tiltflow.sample(info.ema, noise)``)."""
     def callback(info: StepInfo) -> None:
         with torch.no_grad():
