@@ -164,3 +164,42 @@ def test_train_and_sample_on_a_csv_table_and_an_image_folder(tmp_path, capsys):
                         "--solver", "heun", "--num", "4", "--out", str(tmp_path / "img")], capsys)
     assert code == 0, err
     assert np.load(tmp_path / "img.npy").shape == (4, 1, 8, 8)
+
+
+def test_likelihood_and_invert_commands(trained_run, tmp_path, capsys):
+    code, out, err = run(["likelihood", str(trained_run), "--num", "16", "--steps", "4",
+                          "--out", str(tmp_path / "lp")], capsys)
+    assert code == 0, err
+    assert "nats/dim" in out and "own units" in out
+    lp = np.load(tmp_path / "lp.npy")
+    assert lp.shape == (16,) and np.isfinite(lp).all()
+    code, out, err = run(["invert", str(trained_run), "--num", "8", "--nfe", "6",
+                          "--out", str(tmp_path / "noise")], capsys)
+    assert code == 0, err
+    assert np.load(tmp_path / "noise.npy").shape == (8, 2) and "round trip" in out
+    code, out, err = run(["likelihood", str(trained_run), "--data", "digits"], capsys)
+    assert code == 2 and "shape" in err
+
+
+def test_sample_parallel_negative_and_ems(trained_run, tmp_path, capsys):
+    code, out, err = run(["sample", str(trained_run), "--solver", "ddim", "--nfe", "20",
+                          "--parallel", "picard", "--num", "8", "--out", str(tmp_path / "p")],
+                         capsys)
+    assert code == 0, err
+    assert "sequential rounds instead of 20" in out
+    code, out, err = run(["sample", str(trained_run), "--negative", str(trained_run),
+                          "--guidance", "1.5", "--nfe", "5", "--num", "8",
+                          "--out", str(tmp_path / "n")], capsys)
+    assert code == 0, err
+    ems = tmp_path / "ems.safetensors"
+    code, out, err = run(["fit-solver", str(trained_run), "--kind", "ems", "--num-noises", "16",
+                          "--out", str(ems)], capsys)
+    assert code == 0, err
+    code, out, err = run(["sample", str(trained_run), "--solver", "dpm_solver_v3", "--nfe", "6",
+                          "--option", f"ems={ems}", "--num", "8", "--out", str(tmp_path / "v3")],
+                         capsys)
+    assert code == 0, err
+    assert np.isfinite(np.load(tmp_path / "v3.npy")).all()
+    code, out, err = run(["fit-solver", str(trained_run), "--kind", "bns",
+                          "--out", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2 and "--nfe" in err

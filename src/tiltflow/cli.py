@@ -1,4 +1,4 @@
-"""``tiltflow`` command line: train | sample | fit-solver | bench | demo.
+"""``tiltflow`` command line: train | sample | fit-solver | likelihood | invert | bench | demo.
 
 Every user mistake (missing file, bad config key, unknown solver ...) prints one line
 ``tiltflow: error: ...`` and exits with code 2; nothing is half-written.
@@ -22,6 +22,9 @@ EXAMPLES = """examples:
   tiltflow sample runs/digits --label 3 --guidance 1.5 --num 64 --out three
   tiltflow fit-solver runs/8g --nfe 6 --kind bespoke --out runs/8g/bespoke6.safetensors
   tiltflow sample runs/8g --solver bespoke --nfe 6 --option params=runs/8g/bespoke6.safetensors
+  tiltflow likelihood runs/8g --num 512 --steps 32
+  tiltflow invert runs/8g --solver heun --nfe 19 --out runs/8g/noise
+  tiltflow sample runs/8g --solver ddim --nfe 100 --parallel picard
   tiltflow bench train
   tiltflow demo --out runs/demo
 """
@@ -57,14 +60,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples", help="output prefix: writes PREFIX.npy and PREFIX.png")
     s.add_argument("--list-solvers", action="store_true", help="print the solver names and exit")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    s.add_argument("--negative", metavar="RUN",
+                   help="two-model guidance: eps = (w+1) eps_this - w eps_negative, w = --guidance")
+    s.add_argument("--parallel", choices=["picard", "parareal"],
+                   help="parallel-in-time sampling of the same answer (solver: ddim, euler or "
+                        "ddpm); prints rounds and NFE")
+    s.add_argument("--tol", type=float, default=1e-3, help="tolerance of --parallel")
 
     b = sub.add_parser("bench", help="run a benchmark suite (writes benchmarks/results/)")
     b.add_argument("suite", help="suite name (e.g. train) or 'all'")
     b.add_argument("--quick", action="store_true", help="a fast smoke run (numbers not for the record)")
 
-    from . import cli_fit_solver
+    from . import cli_analysis, cli_fit_solver
 
     cli_fit_solver.add_parser(sub)
+    cli_analysis.add_parsers(sub)
 
     d = sub.add_parser("demo", help="train small digit and 2-D models and write an HTML report")
     d.add_argument("--out", default="runs/demo")
@@ -147,8 +157,16 @@ def _cmd_sample(args) -> int:
         cond = torch.full((args.num,), args.label, dtype=torch.long)
     elif info["num_classes"]:
         cond = torch.arange(args.num) % info["num_classes"]
-    if args.guidance and cond is None:
-        raise UserError("--guidance needs a class-conditional model")
+    guidance = args.guidance or None
+    if args.negative:
+        from .solvers import TwoModel
+
+        if not args.guidance:
+            raise UserError("--negative needs a guidance weight: add --guidance W")
+        guidance = TwoModel(load_trained(args.negative, use_ema=not args.no_ema).denoiser,
+                            args.guidance)
+    elif args.guidance and cond is None:
+        raise UserError("--guidance needs a class-conditional model (or --negative RUN)")
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.num, *info["shape"]), generator=gen)
     from .config import parse_value
@@ -159,8 +177,18 @@ def _cmd_sample(args) -> int:
             raise UserError(f"--option {item!r} is not KEY=VALUE (e.g. --option eta=0.5)")
         key, value = item.split("=", 1)
         options[key.strip()] = parse_value(value)
-    x = solvers.sample(trained.denoiser, noise, args.solver, nfe=args.nfe, grid=args.grid,
-                       cond=cond, guidance=args.guidance or None, generator=gen, options=options)
+    if args.parallel:
+        if options:
+            raise UserError("--option is not supported with --parallel")
+        x, stats = solvers.parallel_sample(trained.denoiser, noise, args.parallel, args.solver,
+                                           nfe=args.nfe, grid=args.grid, tol=args.tol, cond=cond,
+                                           guidance=guidance, generator=gen)
+        print(f"{args.parallel}: {stats['rounds']} sequential rounds instead of "
+              f"{stats['sequential_rounds']}, {stats['nfe']} network evaluations per sample, "
+              f"converged: {stats['converged']}")
+    else:
+        x = solvers.sample(trained.denoiser, noise, args.solver, nfe=args.nfe, grid=args.grid,
+                           cond=cond, guidance=guidance, generator=gen, options=options)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     arr = trained.denormalize(x).numpy()
@@ -212,6 +240,18 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_likelihood(args) -> int:
+    from . import cli_analysis
+
+    return cli_analysis.run_likelihood(args)
+
+
+def _cmd_invert(args) -> int:
+    from . import cli_analysis
+
+    return cli_analysis.run_invert(args)
+
+
 def _cmd_fit_solver(args) -> int:
     from . import cli_fit_solver
 
@@ -219,7 +259,7 @@ def _cmd_fit_solver(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "sample": _cmd_sample, "bench": _cmd_bench, "demo": _cmd_demo,
-            "fit-solver": _cmd_fit_solver}
+            "fit-solver": _cmd_fit_solver, "likelihood": _cmd_likelihood, "invert": _cmd_invert}
 
 
 def main(argv=None) -> int:

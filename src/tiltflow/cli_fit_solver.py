@@ -25,8 +25,11 @@ def add_parser(subparsers):
         description="Learn solver parameters for ONE model and ONE NFE by matching a tight "
                     "reference solution on a few hundred noises; writes a .safetensors file.")
     p.add_argument("run", help="run directory or checkpoint directory (from `tiltflow train`)")
-    p.add_argument("--nfe", type=int, required=True, help="exact number of network evaluations")
-    p.add_argument("--kind", choices=["bespoke", "bns", "grid"], default="bespoke")
+    p.add_argument("--nfe", type=int, help="exact number of network evaluations (all kinds but "
+                                           "ems, whose statistics serve every NFE)")
+    p.add_argument("--kind", choices=["bespoke", "bns", "grid", "ems"], default="bespoke",
+                   help="bespoke / bns solver, optimised grid, or DPM-Solver-v3's empirical "
+                        "model statistics (use: --solver dpm_solver_v3 --option ems=FILE)")
     p.add_argument("--base", default=None,
                    help="base solver: bespoke euler|midpoint (default midpoint); bns: a linear "
                         "registered solver to start from (default ddim); grid: the registered "
@@ -42,33 +45,17 @@ def add_parser(subparsers):
     return p
 
 
-def run(args) -> int:
+def _load(args):
+    """The run's denoiser in float64, the training noises, labels and a model description."""
     import torch
 
     from .runs import load_trained
-    from .solvers import bespoke as B
-    from .solvers import get as get_solver
 
-    if args.nfe < 1:
-        raise UserError(f"--nfe must be >= 1, got {args.nfe}")
     if args.num_noises < 2:
         raise UserError(f"--num-noises must be >= 2, got {args.num_noises}")
-    steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.kind]
-    if steps < 1:
-        raise UserError(f"--steps must be >= 1, got {steps}")
-    base = args.base or _DEFAULT_BASE[args.kind]
-    if args.kind == "bespoke":
-        if base not in B._BASES:
-            raise UserError(f"--base for bespoke must be euler or midpoint, got {base!r}")
-        if B._BASES[base] == 2 and args.nfe % 2:
-            raise UserError(f"a bespoke {base} solver spends 2 evaluations per step; use an "
-                            f"even --nfe (got {args.nfe}) or --base euler")
-    else:
-        get_solver(base).steps_for_nfe(args.nfe)  # clear error for an impossible NFE
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors, got {str(out)!r}")
-
     trained = load_trained(args.run, use_ema=not args.no_ema)
     info = trained.data
     # float64 throughout: the reference solution is a float64 solve (the fitted parameters do
@@ -88,6 +75,44 @@ def run(args) -> int:
              "shape": list(info["shape"]), "ema": not args.no_ema}
     for p in den.parameters():
         p.requires_grad_(False)  # gradients flow to the solver parameters only
+    return den, noises, cond, model, out
+
+
+def _run_ems(args) -> int:
+    from .solvers import dpm_v3
+
+    den, noises, cond, model, out = _load(args)
+    print(f"computing DPM-Solver-v3 statistics on {len(noises)} trajectories ...")
+    ems = dpm_v3.compute_ems(den, noises, cond=cond, seed=args.seed)
+    ems.info = {**(ems.info or {}), "model": model}
+    ems.save(out)
+    print(f"wrote {out}: sample with --solver dpm_solver_v3 --option ems={out}")
+    return 0
+
+
+def run(args) -> int:
+    from .solvers import bespoke as B
+    from .solvers import get as get_solver
+
+    if args.kind == "ems":
+        return _run_ems(args)
+    if args.nfe is None:
+        raise UserError(f"--kind {args.kind} needs --nfe N (the solver is fitted for one NFE)")
+    if args.nfe < 1:
+        raise UserError(f"--nfe must be >= 1, got {args.nfe}")
+    steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.kind]
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    base = args.base or _DEFAULT_BASE[args.kind]
+    if args.kind == "bespoke":
+        if base not in B._BASES:
+            raise UserError(f"--base for bespoke must be euler or midpoint, got {base!r}")
+        if B._BASES[base] == 2 and args.nfe % 2:
+            raise UserError(f"a bespoke {base} solver spends 2 evaluations per step; use an "
+                            f"even --nfe (got {args.nfe}) or --base euler")
+    else:
+        get_solver(base).steps_for_nfe(args.nfe)  # clear error for an impossible NFE
+    den, noises, cond, model, out = _load(args)
     print(f"computing the reference solution for {args.num_noises} noises ...")
     x_init = B._start(den, noises)
     ref = B.reference_solve(den, x_init, cond=cond)
