@@ -149,10 +149,7 @@ def _error_curves(gmm, schedule, x_init, ref, names, nfes):
             spent = spendable_nfe(name, nfe)
             if spent is None or spent[0] < 1:
                 continue
-            try:
-                x, calls = measure_solver(name, gmm, schedule, x_init, spent[1])
-            except Exception:  # noqa: BLE001 - a solver that fails here is left out of the plot
-                continue
+            x, calls = measure_solver(name, gmm, schedule, x_init, spent[1])
             err = endpoint_rmse(x, ref)
             if math.isfinite(err) and calls == spent[0]:
                 pts.append((calls, err))
