@@ -34,15 +34,7 @@ EXACT_RTOL = 1e-9
 
 
 def all_schedules():
-    return {
-        "rectified_flow": schedules.RectifiedFlow(),
-        "cosine": schedules.Cosine(),
-        "vp_linear": schedules.VPLinear(),
-        "vp_discrete_linear": schedules.VPDiscrete.linear(),
-        "vp_discrete_scaled_linear": schedules.VPDiscrete.scaled_linear(),
-        "ve": schedules.VE(),
-        "edm": schedules.EDM(),
-    }
+    return schedules.examples()
 
 
 SCHEDULES = all_schedules()

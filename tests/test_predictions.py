@@ -17,15 +17,7 @@ from tiltflow.predictions import KINDS, check_kind, convert, from_hub, to_hub
 F64 = torch.float64
 TOL = 1e-10
 
-ALL = {
-    "rectified_flow": schedules.RectifiedFlow(),
-    "cosine": schedules.Cosine(),
-    "vp_linear": schedules.VPLinear(),
-    "vp_discrete_linear": schedules.VPDiscrete.linear(),
-    "vp_discrete_scaled_linear": schedules.VPDiscrete.scaled_linear(),
-    "ve": schedules.VE(),
-    "edm": schedules.EDM(),
-}
+ALL = schedules.examples()
 
 
 def setup(schedule, seed=0, shape=(16, 3, 4)):

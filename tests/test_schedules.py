@@ -20,15 +20,7 @@ RTOL = 1e-10
 
 
 def make_all():
-    return {
-        "rectified_flow": schedules.RectifiedFlow(),
-        "cosine": schedules.Cosine(),
-        "vp_linear": schedules.VPLinear(),
-        "vp_discrete_linear": schedules.VPDiscrete.linear(),
-        "vp_discrete_scaled_linear": schedules.VPDiscrete.scaled_linear(),
-        "ve": schedules.VE(),
-        "edm": schedules.EDM(),
-    }
+    return schedules.examples()
 
 
 ALL = make_all()

@@ -30,6 +30,7 @@ __all__ = [
     "VE",
     "EDM",
     "change_of_schedule",
+    "examples",
     "get_schedule",
     "available",
 ]
@@ -401,6 +402,20 @@ def change_of_schedule(src: Schedule, dst: Schedule, t) -> tuple[torch.Tensor, t
 _SCHEDULES = {
     cls.name: cls for cls in (RectifiedFlow, Cosine, VPLinear, VPDiscrete, VE, EDM)
 }
+
+
+def examples() -> dict[str, Schedule]:
+    """One default instance of every built-in schedule, by name (what tests and benchmarks
+    sweep to check a method on every schedule)."""
+    return {
+        "rectified_flow": RectifiedFlow(),
+        "cosine": Cosine(),
+        "vp_linear": VPLinear(),
+        "vp_discrete_linear": VPDiscrete.linear(),
+        "vp_discrete_scaled_linear": VPDiscrete.scaled_linear(),
+        "ve": VE(),
+        "edm": EDM(),
+    }
 
 
 def available() -> list[str]:
