@@ -189,3 +189,11 @@ def test_bad_arguments():
         tf.sample(den, noise, "euler_maruyama", nfe=4)
     with pytest.raises(ValueError, match="unknown time grid"):
         tf.sample(den, noise, "euler", nfe=4, grid="linear")
+
+
+def test_aliases_from_other_libraries():
+    assert tf.solvers.get("dpm++2m").name == "dpmpp_2m"
+    den = gaussian_denoiser(S.RectifiedFlow())
+    noise = torch.randn(3, 2, dtype=torch.float64)
+    torch.testing.assert_close(tf.sample(den, noise, "dpm++2m", nfe=4),
+                               tf.sample(den, noise, "dpmpp_2m", nfe=4))

@@ -92,7 +92,14 @@ def register(name, *, order, stochastic=False, evals_per_step=1, skips_last_eval
     return deco
 
 
+#: Other spellings users bring from papers and other libraries.
+ALIASES = {"dpm++2m": "dpmpp_2m", "dpm++3m": "dpmpp_3m", "dpm++2s": "dpmpp_2s",
+           "dpm++2m_sde": "dpmpp_2m_sde", "dpm-solver-v3": "dpm_solver_v3", "dopri": "dopri5",
+           "rk45": "dopri5"}
+
+
 def get(name: str) -> SolverInfo:
+    name = ALIASES.get(name, name)
     if name not in _REGISTRY:
         import difflib
 
