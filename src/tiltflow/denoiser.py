@@ -104,7 +104,7 @@ class Denoiser(nn.Module):
         else:  # a solver's fast path: t is already a [B] tensor in x_t's dtype
             c = coeffs
         if not self.precondition:
-            out = self._call_net(x_t, t.to(x_t.dtype), cond)
+            out = self._call_net(x_t, t if t.dtype == x_t.dtype else t.to(x_t.dtype), cond)
             if out.shape != x_t.shape:
                 raise ValueError(f"network output shape {tuple(out.shape)} != input {tuple(x_t.shape)}")
             return Prediction(out, self.prediction, x_t, c)

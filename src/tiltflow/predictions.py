@@ -80,8 +80,12 @@ def convert(out: torch.Tensor, src: str, dst: str, x_t: torch.Tensor, c: Coeffs)
 def _linear_map(src: str, dst: str, c: Coeffs) -> tuple[float, float]:
     """``(p, q)`` with ``dst = p * raw + q * x_t`` for a ``src`` prediction ``raw``: the hub
     formulas evaluated on unit inputs, in numpy float64 (endpoint divisions give inf/nan).
-    Cached: a solver asks for the same few maps at each grid time."""
-    return _cached_linear_map(src, dst, *(float(v) for v in c.as_tuple()))
+    Cached on the coefficients: a solver asks for the same few maps at each grid time."""
+    key = (src, dst)
+    found = c.maps.get(key)
+    if found is None:
+        found = c.maps[key] = _cached_linear_map(src, dst, *(float(v) for v in c.as_tuple()))
+    return found
 
 
 @functools.lru_cache(maxsize=8192)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,8 @@ class Coeffs:
     sigma: torch.Tensor | float
     d_alpha: torch.Tensor | float
     d_sigma: torch.Tensor | float
+    # conversions between prediction kinds, cached per (src, dst) for scalar coefficients
+    maps: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_scalar(self) -> bool:
