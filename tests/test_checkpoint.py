@@ -15,14 +15,6 @@ from tiltflow import checkpoint as ck
 from tiltflow.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared 2-core machine: avoid OpenMP oversubscription
-    yield
-    torch.set_num_threads(old)
-
-
 def _trained_parts(seed=0):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(3, 8), nn.SiLU(), nn.Linear(8, 3))

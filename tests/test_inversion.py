@@ -17,14 +17,6 @@ S2 = torch.tensor([0.25, 2.0], dtype=F64)
 GAUSS = analytic.GaussianMixture(torch.ones(1, dtype=F64), MU[None], torch.diag(S2)[None])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def exact_inverse(sched, x, t_start, t_end=1.0):
     """Closed-form PF-ODE flow of N(MU, diag(S2)) from x_{t_start} to t_end (linear ODE):
     x_t = alpha_t MU + r_t (x_s - alpha_s MU) / r_s, r_t = sqrt(alpha_t^2 S2 + sigma_t^2)."""

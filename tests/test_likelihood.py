@@ -23,15 +23,6 @@ GAUSS = analytic.GaussianMixture(torch.ones(1, dtype=F64), MU[None], torch.diag(
 ALL = [S.RectifiedFlow(), S.Cosine(), S.VPLinear(), S.VPDiscrete.linear(), S.EDM(), S.VE()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny autograd calls: one thread avoids contention on the shared 2-core machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ode_reference(gmm, sched, x):
     """Exact answer of the ODE started at t_eps from alpha(t_eps) x."""
     te = default_t_eps(sched)

@@ -9,29 +9,11 @@ import math
 
 import pytest
 import torch
+from gaussian_flow import MU, S2, exact_flow, gaussian_denoiser
 
 import tiltflow as tf
 from tiltflow import schedules as S
 from tiltflow.solvers import grids
-
-MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
-S2 = torch.tensor([0.25, 2.0], dtype=torch.float64)
-
-
-def gaussian_denoiser(schedule, mu=MU, s2=S2):
-    def fn(x_t, t, cond=None):
-        c = schedule(t.double()).expand(x_t)
-        a, s = c.alpha, c.sigma
-        return (mu + a * s2 / (a * a * s2 + s * s) * (x_t - a * mu)).to(x_t.dtype)
-
-    return tf.Denoiser.from_fn(fn, schedule, "data")
-
-
-def exact_flow(schedule, x_start, t_start):
-    c = schedule(torch.tensor(t_start, dtype=torch.float64))
-    r_start = torch.sqrt(c.alpha**2 * S2 + c.sigma**2)
-    return MU + S2.sqrt() * (x_start - c.alpha * MU) / r_start
-
 
 SMOOTH = [S.RectifiedFlow(), S.Cosine()]
 ALL = [S.RectifiedFlow(), S.Cosine(), S.VPLinear(), S.VPDiscrete.linear(), S.EDM(), S.VE()]

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from gaussian_flow import MU, exact_flow, gaussian_denoiser
 
 import tiltflow as tf
 import tiltflow.solvers.dpm  # noqa: F401  (registers the solvers)
@@ -17,32 +18,11 @@ from tiltflow import analytic
 from tiltflow import schedules as S
 from tiltflow.solvers import grids
 
-MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
-S2 = torch.tensor([0.25, 2.0], dtype=torch.float64)
-
 ALL = [S.RectifiedFlow(), S.Cosine(), S.VPLinear(), S.VPDiscrete.linear(), S.EDM(), S.VE()]
 SOLVERS = {"dpm_solver_1": 1, "dpm_solver_2": 2, "dpm_solver_3": 3, "dpmpp_2s": 2,
            "dpmpp_2m": 2, "dpmpp_3m": 3}
 EVALS = {"dpm_solver_1": 1, "dpm_solver_2": 2, "dpm_solver_3": 3, "dpmpp_2s": 2,
          "dpmpp_2m": 1, "dpmpp_3m": 1}
-
-
-def gaussian_denoiser(schedule, mu=MU, s2=S2, calls=None):
-    def fn(x_t, t, cond=None):
-        if calls is not None:
-            calls.append(1)
-        c = schedule(t.double()).expand(x_t)
-        a, s = c.alpha, c.sigma
-        return (mu + a * s2 / (a * a * s2 + s * s) * (x_t - a * mu)).to(x_t.dtype)
-
-    return tf.Denoiser.from_fn(fn, schedule, "data")
-
-
-def exact_flow(schedule, x0, t0, t1):
-    c0, c1 = (schedule(torch.tensor(t, dtype=torch.float64)) for t in (t0, t1))
-    r0 = torch.sqrt(c0.alpha**2 * S2 + c0.sigma**2)
-    r1 = torch.sqrt(c1.alpha**2 * S2 + c1.sigma**2)
-    return c1.alpha * MU + r1 * (x0 - c0.alpha * MU) / r0
 
 
 def endpoint_error(schedule, solver, grid):

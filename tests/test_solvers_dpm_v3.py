@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from gaussian_flow import MU, S2, exact_flow, gaussian_denoiser
 
 import tiltflow as tf
 from tiltflow import schedules as S
@@ -21,25 +22,7 @@ from tiltflow.errors import UserError
 from tiltflow.solvers import dpm, grids
 from tiltflow.solvers.dpm_v3 import EMS, _plan, compute_ems
 
-MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
-S2 = torch.tensor([0.25, 2.0], dtype=torch.float64)
 F64 = torch.float64
-
-
-def gaussian_denoiser(schedule, mu=MU, s2=S2):
-    def fn(x_t, t, cond=None):
-        c = schedule(t.double()).expand(x_t)
-        a, s = c.alpha, c.sigma
-        return (mu + a * s2 / (a * a * s2 + s * s) * (x_t - a * mu)).to(x_t.dtype)
-
-    return tf.Denoiser.from_fn(fn, schedule, "data")
-
-
-def exact_flow(schedule, x_start, t_start, t_end):
-    c = schedule(torch.tensor([t_start, t_end], dtype=F64))
-    (a0, a1), (s0, s1) = c.alpha.tolist(), c.sigma.tolist()
-    r0, r1 = torch.sqrt(a0**2 * S2 + s0**2), torch.sqrt(a1**2 * S2 + s1**2)
-    return a1 * MU + r1 * (x_start - a0 * MU) / r0
 
 
 def noise(n=64, seed=0):

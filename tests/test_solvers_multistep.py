@@ -18,33 +18,15 @@ import math
 
 import pytest
 import torch
+from gaussian_flow import MU, exact_flow, gaussian_denoiser
 
 import tiltflow as tf
 import tiltflow.solvers.multistep  # noqa: F401  (registers unipc, unipc_p, deis, ipndm)
 from tiltflow import schedules as S
 from tiltflow.solvers import grids
 
-MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
-S2 = torch.tensor([0.25, 2.0], dtype=torch.float64)
 ALL = [S.RectifiedFlow(), S.Cosine(), S.VPLinear(), S.VPDiscrete.linear(), S.EDM(), S.VE()]
 SOLVERS = ["unipc", "unipc_p", "deis", "ipndm"]
-
-
-def gaussian_denoiser(schedule, mu=MU, s2=S2):
-    def fn(x_t, t, cond=None):
-        c = schedule(t.double()).expand(x_t)
-        a, s = c.alpha, c.sigma
-        return (mu + a * s2 / (a * a * s2 + s * s) * (x_t - a * mu)).to(x_t.dtype)
-
-    return tf.Denoiser.from_fn(fn, schedule, "data")
-
-
-def exact_flow(schedule, x_start, t_start, t_end):
-    c0 = schedule(torch.tensor(t_start, dtype=torch.float64))
-    c1 = schedule(torch.tensor(t_end, dtype=torch.float64))
-    r0 = torch.sqrt(c0.alpha**2 * S2 + c0.sigma**2)
-    r1 = torch.sqrt(c1.alpha**2 * S2 + c1.sigma**2)
-    return c1.alpha * MU + r1 * (x_start - c0.alpha * MU) / r0
 
 
 def endpoint_error(schedule, solver, t_grid, options=None):

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from gaussian_flow import MU, S2, exact_flow, gaussian_denoiser
 
 import tiltflow as tf
 from tiltflow import analytic
@@ -18,28 +19,8 @@ from tiltflow.solvers import grids, rk  # importing rk registers midpoint, rk4, 
 from tiltflow.solvers.rk import reference_solve
 
 F64 = torch.float64
-MU = torch.tensor([1.0, -2.0], dtype=F64)
-S2 = torch.tensor([0.25, 2.0], dtype=F64)
 SMOOTH = [S.RectifiedFlow(), S.Cosine()]
 ALL = [S.RectifiedFlow(), S.Cosine(), S.VPLinear(), S.VPDiscrete.linear(), S.EDM(), S.VE()]
-
-
-def gaussian_denoiser(schedule, calls=None):
-    def fn(x_t, t, cond=None):
-        if calls is not None:
-            calls.append(float(t[0]))
-        c = schedule(t.double()).expand(x_t)
-        a, s = c.alpha, c.sigma
-        return (MU + a * S2 / (a * a * S2 + s * s) * (x_t - a * MU)).to(x_t.dtype)
-
-    return tf.Denoiser.from_fn(fn, schedule, "data")
-
-
-def exact_flow(schedule, x, t0, t1):
-    c0, c1 = schedule(torch.tensor(t0, dtype=F64)), schedule(torch.tensor(t1, dtype=F64))
-    r0 = torch.sqrt(c0.alpha**2 * S2 + c0.sigma**2)
-    r1 = torch.sqrt(c1.alpha**2 * S2 + c1.sigma**2)
-    return c1.alpha * MU + r1 * (x - c0.alpha * MU) / r0
 
 
 def start(schedule, n=64, t=1.0, seed=0):
@@ -117,7 +98,7 @@ def test_every_grid_is_finite_and_never_evaluates_at_a_clean_point(schedule, gri
     for solver in ("midpoint", "rk4"):
         calls = []
         t_grid = grids.get_grid(grid, 3, schedule)
-        x = tf.solvers.solve(gaussian_denoiser(schedule, calls), start(schedule), t_grid, solver)
+        x = tf.solvers.solve(gaussian_denoiser(schedule, calls=calls), start(schedule), t_grid, solver)
         assert bool(torch.isfinite(x).all()) and min(calls) > 0, (solver, min(calls))
 
 
@@ -150,7 +131,7 @@ def test_rk4_clean_end_is_exact_rk4_on_rectified_flow():
 def test_nfe_is_exact():
     sched = S.VPLinear()
     calls = []
-    den = gaussian_denoiser(sched, calls)
+    den = gaussian_denoiser(sched, calls=calls)
     noise = torch.randn(2, 2, dtype=F64)
     for solver, nfe in [("midpoint", 2), ("midpoint", 6), ("rk4", 3), ("rk4", 7), ("rk4", 11)]:
         calls.clear()
@@ -158,7 +139,7 @@ def test_nfe_is_exact():
         assert len(calls) == nfe and bool(torch.isfinite(x).all()), (solver, nfe)
     for other in (S.RectifiedFlow(), S.VE()):  # exact-limit and Ralston final steps
         other_calls = []
-        tf.sample(gaussian_denoiser(other, other_calls), noise, "rk4", nfe=7)
+        tf.sample(gaussian_denoiser(other, calls=other_calls), noise, "rk4", nfe=7)
         assert len(other_calls) == 7
     calls.clear()  # a grid not ending at t = 0: every step costs 4 (and 2)
     tf.solvers.solve(den, noise, torch.tensor([1.0, 0.6, 0.2], dtype=F64), "rk4")
@@ -208,7 +189,7 @@ def test_dopri5_meets_its_tolerance(schedule):
     (Measured: below 1.2 tol; local extrapolation makes the 5th-order result much better than
     its 4th-order estimate.) NFE grows as tolerances tighten and is reported exactly."""
     calls = []
-    den = gaussian_denoiser(schedule, calls)
+    den = gaussian_denoiser(schedule, calls=calls)
     x_init = start(schedule)
     exact = exact_flow(schedule, x_init, 1.0, 0.0)
     nfes = []

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from gaussian_flow import MU, S2, gaussian_denoiser
 
 import tiltflow as tf
 import tiltflow.solvers.stochastic  # noqa: F401  (registers the samplers)
@@ -18,28 +19,8 @@ from tiltflow import analytic, metrics
 from tiltflow import schedules as S
 from tiltflow.solvers import grids
 
-MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
-S2 = torch.tensor([0.25, 2.0], dtype=torch.float64)
 SAMPLERS = ["edm_sde", "dpmpp_2m_sde", "pc", "annealed_langevin"]
 ALL = [S.RectifiedFlow(), S.Cosine(), S.VPLinear(), S.VPDiscrete.linear(), S.EDM(), S.VE()]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny 2-D batches: threads only add contention on the shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def gaussian_denoiser(schedule):
-    def fn(x_t, t, cond=None):
-        c = schedule(t.double()).expand(x_t)
-        a, s = c.alpha, c.sigma
-        return (MU + a * S2 / (a * a * S2 + s * s) * (x_t - a * MU)).to(x_t.dtype)
-
-    return tf.Denoiser.from_fn(fn, schedule, "data")
 
 
 def gen(seed):

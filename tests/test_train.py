@@ -34,14 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).parent / "dist_train_script.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared 2-core machine: avoid OpenMP oversubscription
-    yield
-    torch.set_num_threads(old)
-
-
 def _cfg(out, **kw):
     base = dict(steps=20, batch_size=16, lr=1e-3, warmup_steps=3, log_every=5, ckpt_every=10,
                 ema_decay=0.9, out_dir=str(out))
