@@ -69,8 +69,19 @@ def _load(args):
     return trained, x, cond, scale
 
 
-def run_likelihood(args) -> int:
+def _save(path, values, what: str) -> None:
+    """Write ``values`` to ``path`` (.npy) when the user asked for a file."""
+    if not path:
+        return
     import numpy as np
+
+    out = Path(path).with_suffix(".npy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, values.numpy())
+    print(f"wrote {out} ({what})")
+
+
+def run_likelihood(args) -> int:
     import torch
 
     from .solvers import bits_per_dim, log_likelihood
@@ -89,17 +100,11 @@ def run_likelihood(args) -> int:
     else:
         line += f", {float(bits_per_dim(log_p, d).mean()):.3f} bits/dim (8-bit pixels)"
     print(line)
-    if args.out:
-        out = Path(args.out).with_suffix(".npy")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, log_p.numpy())
-        print(f"wrote {out} (log p per example, nats, model space)")
+    _save(args.out, log_p, "log p per example, nats, model space")
     return 0
 
 
 def run_invert(args) -> int:
-    import numpy as np
-
     from .solvers import round_trip
 
     trained, x, cond, _ = _load(args)
@@ -110,9 +115,5 @@ def run_invert(args) -> int:
     print(f"{len(x)} examples inverted with {args.solver}, {args.nfe} evaluations; round trip "
           f"RMS error {float(err.pow(2).mean().sqrt()) / math.sqrt(d):.3g} per dimension; noise "
           f"std {float(noise.std()):.3f} (1 for a perfect map to N(0, I))")
-    if args.out:
-        out = Path(args.out).with_suffix(".npy")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, noise.numpy())
-        print(f"wrote {out} (noise, feed it to `tiltflow sample`-style sampling to reconstruct)")
+    _save(args.out, noise, "standard-normal noise; sampling from it reconstructs the data")
     return 0
