@@ -84,3 +84,27 @@ def test_classifier_free_interval_and_errors():
         ClassifierFree(1.0)(den, x_t, t_out, None)
     with pytest.raises(ValueError, match="exactly one"):
         ClassifierGuidance(1.0)
+
+
+def test_guidance_interval_uses_the_grid_time_and_plain_callables_still_work():
+    """Solvers hand the grid time to the guidance (no device read); a plain 4-argument
+    guidance callable keeps working."""
+    sched = S.RectifiedFlow()
+    seen = []
+
+    def fn(x_t, t, cond):
+        seen.append(x_t.shape[0])
+        return x_t * 0.5
+
+    den = tf.Denoiser.from_fn(fn, sched, "data")
+    noise = torch.randn(3, 2, dtype=torch.float64)
+    cond = torch.zeros(3, dtype=torch.long)
+    tf.sample(den, noise, "euler", nfe=4, cond=cond,
+              guidance=ClassifierFree(2.0, interval=(0.3, 0.8)))
+    assert seen == [3, 6, 6, 3]  # grid 1, .75, .5, .25: guided (batch 2B) only inside [.3, .8]
+
+    def plain(denoiser, x_t, t, cond):
+        return denoiser(x_t, t, cond)
+
+    torch.testing.assert_close(tf.sample(den, noise, "euler", nfe=4, cond=cond, guidance=plain),
+                               tf.sample(den, noise, "euler", nfe=4, cond=cond))

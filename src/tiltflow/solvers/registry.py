@@ -172,10 +172,11 @@ class Predictor:
 
     def __call__(self, x: torch.Tensor, t) -> Prediction:
         self.calls += 1
-        if isinstance(t, float):
-            t, coeffs = self._time(t, x)
+        time = t if isinstance(t, float) else None
+        if time is not None:
+            t, coeffs = self._time(time, x)
         else:
             t, coeffs = t.expand(x.shape[0]), None
         if self.guidance is None:
             return self.denoiser(x, t, self.cond, coeffs=coeffs)
-        return self.guidance(self.denoiser, x, t, self.cond)
+        return self.guidance(self.denoiser, x, t, self.cond, coeffs=coeffs, time=time)
