@@ -14,7 +14,7 @@ def add_parsers(sub) -> None:
     lk.add_argument("run", help="run directory or checkpoint directory")
     _data_args(lk)
     lk.add_argument("--steps", type=int, default=32, help="ODE steps (default 32)")
-    lk.add_argument("--solver", default="rk4", help="euler, midpoint, heun or rk4 (default)")
+    lk.add_argument("--solver", default="rk4", help="euler, midpoint, heun, rk4 (default) or rk4_38")
     lk.add_argument("--trace", default="auto", choices=["auto", "exact", "hutchinson"],
                     help="divergence: exact (D backward passes) or Hutchinson; auto = exact "
                          "up to 64 dimensions")

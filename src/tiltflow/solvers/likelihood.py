@@ -49,19 +49,11 @@ import torch
 
 from ..schedules import Schedule
 from .registry import Predictor
+from .rk import TABLEAUX
 
 __all__ = ["log_likelihood", "bits_per_dim", "default_t_eps", "time_grid", "gaussian_prior_log_prob",
            "TABLEAUX"]
 
-# Explicit Runge-Kutta tableaux (c, a, b): Euler; explicit midpoint and Heun (2nd order);
-# classical RK4 (Kutta 1901), e.g. Hairer, Norsett & Wanner, "Solving ODEs I", Table II.1.1.
-TABLEAUX = {
-    "euler": ((0.0,), ((),), (1.0,)),
-    "midpoint": ((0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
-    "heun": ((0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
-    "rk4": ((0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
-            (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
-}
 _TRACES = ("auto", "exact", "hutchinson")
 _PROBES = ("rademacher", "gaussian")
 _EXACT_MAX_DIM = 64  # trace="auto": exact up to this many dimensions, Hutchinson above
@@ -201,7 +193,7 @@ def log_likelihood(
     """``log p(x)`` ``[B]`` (nats, summed over dimensions) under the model's PF-ODE.
 
     Integrates ``(x_t, int div v dt)`` from ``t_eps`` to ``t_end`` with the explicit Runge-Kutta
-    method ``solver`` (``"euler"``, ``"midpoint"``, ``"heun"``, ``"rk4"``; ``steps`` steps on an
+    method ``solver`` (``"euler"``, ``"midpoint"``, ``"heun"``, ``"rk4"``, ``"rk4_38"``; ``steps`` steps on an
     increasing ``grid``: ``"auto"``, ``"uniform"``, ``"logsnr"`` or a tensor, see
     :func:`time_grid`) and returns
     ``log prior(x_T) + int div v dt + D log alpha(t_eps)`` (see the module docstring for the
