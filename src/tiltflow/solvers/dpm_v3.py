@@ -41,15 +41,19 @@ The method (paper sec. 3)
    (same number of points, or one more with ``corrector_pseudo=True``, the paper's
    pseudo-corrector), keeping ``f_t`` as evaluated. No extra evaluation: ``nfe = steps``.
 
-All coefficients are computed in float64 before the loop. ``l, s, b`` are piecewise linear in
-lambda between the EMS grid points (constant beyond its ends), so ``L`` and ``S`` are exact
-piecewise quadratics and the exponential integrals are composite Gauss-Legendre quadratures
-(8 nodes per panel of width <= 0.5 and never across an EMS grid point; nested for ``B``): exact
-to float64 roundoff *for the piecewise-linear statistics*. The identity in 1. holds for *any*
-``l, s, b``, so statistics that fit the model badly change only the error constant, never
-consistency: the solver converges for every EMS. (Order: 3 for statistics constant in lambda;
-piecewise-linear statistics put kinks into ``f`` at the EMS grid points, which makes the
-asymptotic order 2 once steps are shorter than the EMS spacing, with a small constant.)
+All coefficients are computed in float64 before the loop. ``l, s, b`` are smooth functions of
+lambda: C^2 cubic splines through the EMS grid values (not-a-knot ends; constant beyond the
+grid, where there is no data), so ``L`` and ``S`` are the splines' exact primitives (piecewise
+quartics) and the exponential integrals are composite Gauss-Legendre quadratures of them (8
+nodes per panel of width <= 0.5, never across an EMS grid point, where the splines' third
+derivative jumps; nested for ``B``), accurate to float64 roundoff. (The paper's code instead
+tabulates the integrals on a fine lambda grid with the trapezoid rule.) The identity in 1.
+holds for *any* ``l, s, b``, so statistics that fit the model badly change only the error
+constant, never consistency: the solver converges for every EMS. Order: 3 at every step size,
+because ``g`` is as smooth as the statistics and a C^2 spline keeps its third derivative
+bounded (piecewise-linear interpolation would put kinks into ``g`` at the EMS grid points and
+make the order 2 once steps are shorter than the EMS spacing). A step across an end of the EMS
+grid meets such a kink (the constant extension): keep the sampled lambdas inside the grid.
 
 Endpoints (as :mod:`.dpm`)
 --------------------------
@@ -277,9 +281,11 @@ def compute_ems(denoiser, noises: torch.Tensor, num_lambdas: int = 161, cond=Non
       ``f' = e^{-lambda} ((l - 1) eps + d eps/d lambda) - l' y`` (``y = x/alpha``,
       ``dy/dlambda = -e^{-lambda} eps``), with ``d eps/d lambda`` by a central difference
       along the trajectory (step ``fd_step``, default ``eps_machine^(1/3)``; one-sided at the
-      ends of the schedule's range; 2 extra evaluations per point) and ``l'`` by central
-      differences of ``l`` on the grid (moving average over ``2 smooth + 1`` points if
-      ``smooth > 0``, as the paper does for its noisy high-dimensional ``l``).
+      ends of the schedule's range; 2 extra evaluations per point) and ``l'`` the derivative of
+      the cubic spline through ``l`` that the solver uses (so ``f'`` is the derivative of the
+      solver's ``f``; fourth-order accurate at the grid points for smooth ``l``, ~1.7x the
+      noise of a central difference for noisy ``l``), averaged over ``2 smooth + 1`` grid
+      points if ``smooth > 0``, as the paper does for its noisy high-dimensional ``l``.
     - ``s = Cov(f, f') / (Var(f) + r)``, ``b = E f' - s E f`` per dimension (eq. 8), with a
       roundoff-level ridge ``r = eps_machine * E[(|e^{-lambda} eps| + |l y|)^2]`` so that a
       dimension whose ``f`` does not vary (e.g. Gaussian data, where ``l`` is exact and ``f`` is
@@ -348,7 +354,9 @@ def compute_ems(denoiser, noises: torch.Tensor, num_lambdas: int = 161, cond=Non
         l_rows.append(sigmas[k] * diag.mean(0))
         eps_rows.append(eps.detach())
     l_all = torch.stack(l_rows).cpu().numpy()  # [K, D]
-    lp_all = np.gradient(l_all, lams.numpy(), axis=0, edge_order=2)
+    # l' of the spline the solver interpolates l with (_Spline), so that f' is the derivative
+    # of the f the solver integrates
+    lp_all = _Spline(lams.numpy(), l_all).fun.derivative()(lams.numpy())
     if smooth > 0:
         kernel = np.ones(2 * smooth + 1)
         num = np.apply_along_axis(lambda c: np.convolve(c, kernel, "same"), 0, lp_all)
@@ -401,39 +409,53 @@ def compute_ems(denoiser, noises: torch.Tensor, num_lambdas: int = 161, cond=Non
 # ----------------------------------------------------------------------------------------------
 # Step coefficients
 # ----------------------------------------------------------------------------------------------
+class _Spline:
+    """One statistic as a C^2 cubic spline in lambda through its EMS grid values (not-a-knot
+    ends; a line for 2 points, a parabola for 3) with its exact primitive, a piecewise quartic;
+    constant beyond the grid, where there is no data. ``table [K, D]``; evaluations ``[M, D]``.
+
+    Why C^2: the solver Taylor-expands ``g`` (paper eq. 9), which is only as smooth as the
+    interpolated ``l, s, b``. Piecewise-linear statistics leave kinks in ``g`` at the grid points
+    and an O(h^2) local error on every step across one: global order 2 once steps are shorter
+    than the EMS spacing. With a C^2 spline the third derivative of ``g`` stays bounded and the
+    order-3 update keeps its order at every step size."""
+
+    def __init__(self, lam: np.ndarray, table: np.ndarray):
+        from scipy.interpolate import CubicSpline
+
+        self.lo, self.hi = float(lam[0]), float(lam[-1])
+        self.first, self.last = table[0], table[-1]
+        self.fun = CubicSpline(lam, table, axis=0, bc_type="not-a-knot")
+        self.prim_fun = self.fun.antiderivative()  # zero at lam[0]
+
+    def _clip(self, x):
+        x = np.asarray(x, dtype=np.float64).ravel()
+        return x, np.clip(x, self.lo, self.hi)
+
+    def value(self, x) -> np.ndarray:
+        return self.fun(self._clip(x)[1])
+
+    def prim(self, x) -> np.ndarray:
+        """``int_{lam[0]}^{x}`` of the extended spline (exact up to roundoff)."""
+        x, xc = self._clip(x)
+        out = self.prim_fun(xc)
+        out_of_grid = x != xc
+        if out_of_grid.any():  # rare: only [M, D] work when a node lies beyond the grid
+            end = np.where((x[out_of_grid] < self.lo)[:, None], self.first, self.last)
+            out[out_of_grid] += (x - xc)[out_of_grid, None] * end
+        return out
+
+
 class _Stats:
-    """Piecewise-linear ``l, s, b`` in lambda (constant beyond the grid), their exact
-    primitives and the exponential integrals of one step, in numpy float64 ``[., D]``."""
+    """``l, s, b`` as smooth functions of lambda (:class:`_Spline`), their exact primitives
+    ``L, S`` and the exponential integrals of one step, in numpy float64 ``[., D]``."""
 
     def __init__(self, ems: EMS):
         self.lam = ems.lambdas.numpy()
         k = self.lam.size
-        self.l, self.s, self.b = (v.reshape(k, -1).numpy() for v in (ems.l, ems.s, ems.b))
-        self.zero_b = not bool(np.any(self.b))
-        dl = np.diff(self.lam)[:, None]
-        self.Lc = np.concatenate([np.zeros((1, self.l.shape[1])),
-                                  np.cumsum(0.5 * (self.l[1:] + self.l[:-1]) * dl, 0)])
-        self.Sc = np.concatenate([np.zeros((1, self.s.shape[1])),
-                                  np.cumsum(0.5 * (self.s[1:] + self.s[:-1]) * dl, 0)])
-
-    def _where(self, x):
-        x = np.asarray(x, dtype=np.float64).ravel()
-        idx = np.clip(np.searchsorted(self.lam, x, "right") - 1, 0, self.lam.size - 2)
-        xc = np.clip(x, self.lam[0], self.lam[-1])
-        w = ((xc - self.lam[idx]) / (self.lam[idx + 1] - self.lam[idx]))[:, None]
-        return x, xc, idx, w
-
-    def value(self, table, x):
-        _, _, idx, w = self._where(x)
-        return (1 - w) * table[idx] + w * table[idx + 1]
-
-    def prim(self, table, cum, x):
-        """``int_{lam[0]}^{x}`` of the piecewise-linear interpolant of ``table`` (exact)."""
-        x, xc, idx, w = self._where(x)
-        v = (1 - w) * table[idx] + w * table[idx + 1]
-        inside = cum[idx] + (xc - self.lam[idx])[:, None] * 0.5 * (table[idx] + v)
-        end = np.where((x < self.lam[0])[:, None], table[0], table[-1])
-        return inside + (x - xc)[:, None] * end
+        tables = [v.reshape(k, -1).numpy() for v in (ems.l, ems.s, ems.b)]
+        self.l, self.s, self.b = (_Spline(self.lam, t) for t in tables)
+        self.zero_b = not bool(np.any(tables[2]))
 
     def _edges(self, a, c):
         inner = self.lam[(self.lam > a) & (self.lam < c)]
@@ -447,12 +469,12 @@ class _Stats:
 
     def _b_integrand(self, x, S_a):
         """``e^{-(S - S_a)} b`` at ``x [M]`` -> ``[M, D]``."""
-        return np.exp(-(self.prim(self.s, self.Sc, x) - S_a)) * self.value(self.b, x)
+        return np.exp(-(self.s.prim(x) - S_a)) * self.b.value(x)
 
     def b_integral(self, a, y, S_a):
         """``B_a(y) = int_a^y e^{-(S - S_a)} b`` (either side of ``a``)."""
         if y == a or self.zero_b:
-            return np.zeros(self.b.shape[1])
+            return np.zeros_like(S_a)
         lo, hi = min(a, y), max(a, y)
         e = self._edges(lo, hi)
         u, v = e[:-1, None], e[1:, None]
@@ -467,15 +489,14 @@ class _Stats:
         p = len(pts)
         z = np.asarray(pts, dtype=np.float64) - lam_s
         M = _derivative_weights(z, pseudo)  # [p-1, p]: g^(k) = sum_j M[k-1, j] g_j
-        L_a = self.prim(self.l, self.Lc, [lam_s])[0]
-        S_a = self.prim(self.s, self.Sc, [lam_s])[0]
+        L_a = self.l.prim([lam_s])[0]
+        S_a = self.s.prim([lam_s])[0]
         e = self._edges(lam_s, lam_t)
         u, v = e[:-1], e[1:]
         R = u[:, None] + (v - u)[:, None] * (1 + _GX) / 2  # [P, n]
         WR = ((v - u) / 2)[:, None] * _GW
         P_, n_ = R.shape
-        E = np.exp(self.prim(self.l, self.Lc, R) + self.prim(self.s, self.Sc, R)
-                   - L_a - S_a).reshape(P_, n_, -1)
+        E = np.exp(self.l.prim(R) + self.s.prim(R) - L_a - S_a).reshape(P_, n_, -1)
         powers = [np.ones_like(R)]
         for k in range(1, p):
             powers.append(powers[-1] * (R - lam_s) / k)
@@ -492,13 +513,13 @@ class _Stats:
             inner = (WQ[..., None] * self._b_integrand(Qn.ravel(), S_a)
                      .reshape(P_, n_, n_, -1)).sum(2)
             Q = (WR[..., None] * E * (B_edge[:, None, :] + inner)).sum((0, 1))
-        L_t = self.prim(self.l, self.Lc, [lam_t])[0] - L_a
+        L_t = self.l.prim([lam_t])[0] - L_a
         decay = np.exp(-L_t)
         A = alpha_t / alpha_s * decay
         W, const = [], -alpha_t * decay * Q
         for j in range(p):
             cj = (Pk[0] if j == 0 else 0.0) + sum(Pk[k] * M[k - 1, j] for k in range(1, p))
-            S_j = self.prim(self.s, self.Sc, [pts[j]])[0] - S_a
+            S_j = self.s.prim([pts[j]])[0] - S_a
             W.append(-alpha_t * decay * cj * np.exp(-S_j))
             if j > 0:
                 const = const + alpha_t * decay * cj * self.b_integral(lam_s, pts[j], S_a)
@@ -579,7 +600,7 @@ def _plan(ems: EMS, schedule, grid, order, use_corrector, predictor_pseudo, corr
             needed.update(cpts)
         needed.update(pts)
         steps.append(_Step("v3", A, None, pts, tuple(W), c, corr))
-    u = {i: (1.0 - stats.value(stats.l, [lam[i]])[0]) / alpha[i] for i in sorted(needed)}
+    u = {i: (1.0 - stats.l.value([lam[i]])[0]) / alpha[i] for i in sorted(needed)}
     return steps, u
 
 
