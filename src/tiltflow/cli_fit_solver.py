@@ -1,8 +1,9 @@
 """``tiltflow fit-solver RUN --nfe N --out FILE``: fit a trained solver for one model and NFE.
 
 Kinds (see :mod:`tiltflow.solvers.bespoke`): ``bespoke`` (scale-time RK1/RK2, Shaul et al.
-2023), ``bns`` (non-stationary, Shaul et al. 2024), ``grid`` (optimised time grid of a
-registered solver). The fitted parameters go to one safetensors file; sample with it through
+2023; ``--loss rmse`` fits the endpoint RMSE, ``--loss bound`` the paper's RMSE-bound), ``bns``
+(non-stationary, Shaul et al. 2024), ``grid`` (optimised time grid of a registered solver).
+The fitted parameters go to one safetensors file; sample with it through
 ``tiltflow.sample(den, noise, "bespoke", nfe=N, options={"params": FILE})``.
 
 Wire-up in ``cli.py``: ``cli_fit_solver.add_parser(sub)`` in ``_parser`` and
@@ -11,6 +12,7 @@ Wire-up in ``cli.py``: ``cli_fit_solver.add_parser(sub)`` in ``_parser`` and
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .errors import UserError
@@ -34,6 +36,13 @@ def add_parser(subparsers):
                    help="base solver: bespoke euler|midpoint (default midpoint); bns: a linear "
                         "registered solver to start from (default ddim); grid: the registered "
                         "solver whose grid is optimised (default unipc)")
+    p.add_argument("--loss", default=None,
+                   help="bespoke only: rmse (endpoint RMSE to the reference, the default) or "
+                        "bound (the paper's RMSE-bound: local errors along the ground-truth "
+                        "path weighted by Lipschitz factors)")
+    p.add_argument("--lipschitz", type=float, default=None,
+                   help="with --loss bound: the velocity's Lipschitz constant L of the bound "
+                        "(default 1, the paper's)")
     p.add_argument("--num-noises", type=int, default=256, help="training noises (default 256)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimiser iterations (default: bespoke 400, bns 600, grid 800)")
@@ -94,6 +103,9 @@ def run(args) -> int:
     from .solvers import bespoke as B
     from .solvers import get as get_solver
 
+    if args.kind != "bespoke" and (args.loss is not None or args.lipschitz is not None):
+        raise UserError(f"--loss and --lipschitz apply to --kind bespoke only (got --kind "
+                        f"{args.kind})")
     if args.kind == "ems":
         return _run_ems(args)
     if args.nfe is None:
@@ -104,6 +116,14 @@ def run(args) -> int:
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     base = args.base or _DEFAULT_BASE[args.kind]
+    loss = args.loss if args.loss is not None else "rmse"
+    if loss not in B.LOSSES:
+        raise UserError(f"--loss must be bound or rmse, got {loss!r}")
+    if args.lipschitz is not None:
+        if loss != "bound":
+            raise UserError("--lipschitz is the L of the RMSE-bound: use it with --loss bound")
+        if not (math.isfinite(args.lipschitz) and args.lipschitz > 0):
+            raise UserError(f"--lipschitz must be a finite number > 0, got {args.lipschitz}")
     if args.kind == "bespoke":
         if base not in B._BASES:
             raise UserError(f"--base for bespoke must be euler or midpoint, got {base!r}")
@@ -122,12 +142,15 @@ def run(args) -> int:
         method = "adam" if base in B.GRID_SOLVERS else "nelder_mead"
         fitted = B.fit_grid(den, args.nfe, base, steps=steps, method=method, **common)
     elif args.kind == "bespoke":
-        fitted = B.BespokeSolver.fit(den, args.nfe, base, steps=steps, **common)
+        lip = args.lipschitz if args.lipschitz is not None else 1.0
+        fitted = B.BespokeSolver.fit(den, args.nfe, base, steps=steps, loss=loss, lipschitz=lip,
+                                     **common)
     else:
         fitted = B.BNSSolver.fit(den, args.nfe, base, steps=steps, **common)
     fitted.save(out)
     fit = fitted.fit_info
     init = f" (start {fit['init_rmse']:.4g})" if "init_rmse" in fit else ""
-    print(f"wrote {out}: {args.kind} solver, nfe={args.nfe}, base={base}; training endpoint "
-          f"RMSE {fit['train_rmse']:.4g}{init}, {fit['seconds']:.1f} s")
+    how = f", loss {loss}" if args.kind == "bespoke" else ""
+    print(f"wrote {out}: {args.kind} solver, nfe={args.nfe}, base={base}{how}; training "
+          f"endpoint RMSE {fit['train_rmse']:.4g}{init}, {fit['seconds']:.1f} s")
     return 0
