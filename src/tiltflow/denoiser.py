@@ -10,13 +10,15 @@ free guidance uses); ``cond=None`` means all-null.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
-from .predictions import Prediction, check_kind
+from .predictions import Prediction, check_kind, scale
 from .schedules import Coeffs, Schedule, change_of_schedule, get_schedule
 
 __all__ = ["Denoiser", "as_time"]
@@ -98,16 +100,22 @@ class Denoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t, cond=None, coeffs: Coeffs | None = None) -> Prediction:
         """Evaluate at ``(x_t, t)``. ``coeffs``: the schedule's coefficients at ``t`` if the
         caller already has them (solvers pass precomputed scalars); computed otherwise."""
-        if coeffs is None or self.precondition:
+        if self.precondition:
+            if coeffs is not None and coeffs.is_scalar:  # a solver's fast path: no schedule call
+                return self._preconditioned_scalar(x_t, cond, coeffs)
             t = as_time(t, x_t)
-            c = self.coeffs(t, x_t)
-        else:  # a solver's fast path: t is already a [B] tensor in x_t's dtype
-            c = coeffs
-        if not self.precondition:
-            out = self._call_net(x_t, t if t.dtype == x_t.dtype else t.to(x_t.dtype), cond)
-            if out.shape != x_t.shape:
-                raise ValueError(f"network output shape {tuple(out.shape)} != input {tuple(x_t.shape)}")
-            return Prediction(out, self.prediction, x_t, c)
+            return self._preconditioned(x_t, cond, self.coeffs(t, x_t))
+        if coeffs is None:
+            t = as_time(t, x_t)
+            coeffs = self.coeffs(t, x_t)
+        # (on a solver's fast path t is already a [B] tensor in x_t's dtype)
+        out = self._call_net(x_t, t if t.dtype == x_t.dtype else t.to(x_t.dtype), cond)
+        if out.shape != x_t.shape:
+            raise ValueError(f"network output shape {tuple(out.shape)} != input {tuple(x_t.shape)}")
+        return Prediction(out, self.prediction, x_t, coeffs)
+
+    def _preconditioned(self, x_t, cond, c: Coeffs) -> Prediction:
+        """EDM preconditioning (class docstring) with coefficients broadcast to ``x_t``."""
         sd2 = self.sigma_data**2
         s = c.sigma / c.alpha
         x_scaled = x_t / c.alpha
@@ -118,9 +126,32 @@ class Denoiser(nn.Module):
         out = self._call_net(c_in * x_scaled, c_noise, cond)
         return Prediction(c_skip * x_scaled + c_out * out, "data", x_t, c)
 
+    def _preconditioned_scalar(self, x_t, cond, c: Coeffs) -> Prediction:
+        """The same with a solver's scalar coefficients: float64 weights (cached per time)
+        instead of a schedule evaluation and tensor arithmetic per call."""
+        c_in, c_skip, c_out, c_noise = _precondition_weights(float(c.alpha), float(c.sigma),
+                                                             self.sigma_data)
+        t_in = torch.full((x_t.shape[0],), c_noise, dtype=x_t.dtype, device=x_t.device)
+        out = self._call_net(scale(x_t, c_in), t_in, cond)
+        return Prediction(scale(x_t, c_skip).add_(out, alpha=c_out), "data", x_t, c)
+
     def with_schedule(self, schedule) -> ScheduleChange:
         """This denoiser seen under another schedule (same log-SNR, rescaled state)."""
         return ScheduleChange(self, get_schedule(schedule))
+
+
+@functools.lru_cache(maxsize=4096)
+def _precondition_weights(alpha: float, sigma: float, sigma_data: float):
+    """EDM's ``(c_in, c_skip, c_out, c_noise)`` at one time, in float64, with the ``1/alpha`` of
+    the scaled state folded into ``c_in`` and ``c_skip`` (so ``x_in = c_in x_t``,
+    ``x_hat = c_skip x_t + c_out F``). At ``alpha = 0`` they are nan/inf, as the tensor form."""
+    sd2 = sigma_data**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.float64(alpha)
+        s = np.float64(sigma) / a
+        c_in = 1 / np.sqrt(s**2 + sd2)
+        return (float(c_in / a), float(sd2 / (s**2 + sd2) / a), float(s * sigma_data * c_in),
+                float(np.log(s) / 4))
 
 
 class ScheduleChange(Denoiser):

@@ -43,7 +43,7 @@ at ``sigma_t = 0``: there ``eps -> 0`` is not smooth in lambda).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -70,8 +70,7 @@ def _singular(lam_s: float, lam_t: float) -> bool:
 
 
 # -- single-step solvers ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Seg:
+class _Seg(NamedTuple):
     """One single-step update from time-table entry ``i0``: ``order`` evaluations at
     ``(i0, i1, i2)``, reading ``reads`` ("noise" or "data") from each. ``coef`` is
     ``(A, B)`` for ``x' = A x + B m0``; ``(A1, B1, A, B, C)`` for ``u = A1 x + B1 m0``,
@@ -175,7 +174,7 @@ def _single_step_plan(schedule, grid, order: int, form: str):
 def _single_step(denoiser, x_init, grid, order, form, cond, guidance, record):
     plan, table = _single_step_plan(denoiser.schedule, grid, order, form)
     g = grid.tolist()
-    predict = Predictor(denoiser, cond, guidance, times=table)
+    predict = Predictor(denoiser, cond, guidance, times=table, reads=(form, "data"))
     x = x_init
     for i, segs in enumerate(plan):
         x_start, data = x, None
@@ -188,14 +187,14 @@ def _single_step(denoiser, x_init, grid, order, form, cond, guidance, record):
                 x = pred.combine(x_t=c[0], **{kind: c[1]})
             elif seg.order == 2:  # u = A1 x + B1 m0; x' = A x + (B - C) m0 + C m1
                 u = pred.combine(x_t=c[0], **{kind: c[1]})
-                m1 = predict(u, table[seg.i1]).as_kind(kind)
-                x = torch.add(pred.combine(x_t=c[2], **{kind: c[3] - c[4]}), m1, alpha=c[4])
+                rest = pred.combine(x_t=c[2], **{kind: c[3] - c[4]})
+                x = predict(u, table[seg.i1]).combine(plus=rest, **{kind: c[4]})
             else:  # u2 = A2 x + (B2 - C2) m0 + C2 m1; x' = A x + (B - C) m0 + C m2
                 u1 = pred.combine(x_t=c[0], **{kind: c[1]})
-                m1 = predict(u1, table[seg.i1]).as_kind(kind)
-                u2 = torch.add(pred.combine(x_t=c[2], **{kind: c[3] - c[4]}), m1, alpha=c[4])
-                m2 = predict(u2, table[seg.i2]).as_kind(kind)
-                x = torch.add(pred.combine(x_t=c[5], **{kind: c[6] - c[7]}), m2, alpha=c[7])
+                rest = pred.combine(x_t=c[2], **{kind: c[3] - c[4]})
+                u2 = predict(u1, table[seg.i1]).combine(plus=rest, **{kind: c[4]})
+                rest = pred.combine(x_t=c[5], **{kind: c[6] - c[7]})
+                x = predict(u2, table[seg.i2]).combine(plus=rest, **{kind: c[7]})
         if record is not None:
             record.append(StepRecord(g[i], g[i + 1], x_start, x, data))
     return x
@@ -273,31 +272,28 @@ def _multistep_plan(schedule, grid, order: int, lower_order_final: bool):
             # (int_0^h e^{-(h-u)} u^2/2 du = -h^2 phi3, hence the factor 2 on D2).
             w1 = a_t * phi2
             w2 = -2 * a_t * phi3
-            # expand D1, D2 into the weights of m0, m1, m2
-            d10 = (1 / r0, -1 / r0, 0.0)
-            d11 = (0.0, 1 / r1, -1 / r1)
-            diff = tuple(u - v for u, v in zip(d10, d11, strict=True))
-            d1 = tuple(u + r0 / (r0 + r1) * v for u, v in zip(d10, diff, strict=True))
-            d2 = tuple(v / (r0 + r1) for v in diff)
-            c = [w1 * u + w2 * v for u, v in zip(d1, d2, strict=True)]
-            c[0] += B
-            plan.append((A, tuple(c)))
+            # = A x + B m0 + u D1_0 - v D1_1: expand into the weights of m0, m1, m2
+            g = 1 / (r0 + r1)
+            u = w1 * (1 + r0 * g) + w2 * g
+            v = (w1 * r0 + w2) * g
+            plan.append((A, (B + u / r0, -u / r0 - v / r1, v / r1)))
     return plan
 
 
 def _multistep(denoiser, x_init, grid, order, lower_order_final, cond, guidance, record):
     plan = _multistep_plan(denoiser.schedule, grid, order, lower_order_final)
     g = grid.tolist()
-    predict = Predictor(denoiser, cond, guidance, times=g)
+    predict = Predictor(denoiser, cond, guidance, times=g, reads=("data",))
+    keep = order > 1 or record is not None
     history: list[torch.Tensor] = []  # x_hat at the previous grid points, newest first
     x = x_init
     for i, (A, c) in enumerate(plan):
         pred = predict(x, g[i])
-        x_next = pred.combine(x_t=A, data=c[0])
+        x_next = pred.combine(x_t=A, data=c[0])  # a fresh tensor: the adds below go in place
         for cj, mj in zip(c[1:], history, strict=False):  # len(c) = this step's order
-            x_next = torch.add(x_next, mj, alpha=cj)
-        if order > 1 or record is not None:
-            history = [pred.data] + history[: order - 2]
+            x_next.add_(mj, alpha=cj)
+        if keep:
+            history = [pred.data, *history[: order - 2]]
         if record is not None:
             record.append(StepRecord(g[i], g[i + 1], x, x_next, history[0]))
         x = x_next

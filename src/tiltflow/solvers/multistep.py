@@ -32,6 +32,7 @@ import math
 import numpy as np
 import torch
 
+from ..predictions import scale
 from .registry import Predictor, StepRecord, register
 
 __all__ = ["unipc", "unipc_p", "deis", "ipndm"]
@@ -66,13 +67,37 @@ def _half_logsnr(a: float, s: float) -> float:
 
 
 def _combine(coefs, tensors, out=None):
-    """``out + sum_k coefs[k] * tensors[k]`` (python-float weights, zero weights skipped; extra
-    tensors unused), one fused multiply-add per term."""
+    """``out + sum_k coefs[k] * tensors[k]`` as a fresh tensor (python-float weights, zero
+    weights skipped; extra tensors unused; ``out`` itself is left unchanged), one fused
+    multiply-add per term: the first makes a new tensor, the others add into it in place."""
+    fresh = False
     for c, v in zip(coefs, tensors, strict=False):
         if c == 0.0:
             continue
-        out = v * c if out is None else torch.add(out, v, alpha=c)
+        if fresh:
+            out.add_(v, alpha=c)
+        else:
+            out = scale(v, c) if out is None else torch.add(out, v, alpha=c)
+            fresh = True
     return out
+
+
+def _solve_vandermonde(nodes: list[float], b: list[float]) -> list[float]:
+    """Solve ``sum_k nodes[k]**i a_k = b_i`` (``i < n``, distinct nodes) with the O(n^2)
+    Björck–Pereyra algorithm (Golub & Van Loan, Algorithm 4.6.2) in python floats: for the
+    1-3 unknowns of UniPC a few float operations, where ``np.linalg.solve``'s call overhead
+    alone would cost more than a sampling step."""
+    n = len(nodes)
+    a = list(b)
+    for k in range(n - 1):
+        for i in range(n - 1, k, -1):
+            a[i] -= nodes[k] * a[i - 1]
+    for k in range(n - 2, -1, -1):
+        for i in range(k + 1, n):
+            a[i] /= nodes[i] - nodes[i - k - 1]
+        for i in range(k, n - 1):
+            a[i] -= a[i + 1]
+    return a
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,35 +135,36 @@ def _unipc_step_plan(a_t, s_t, s_s, lams, t_lam, p, variant, corrector):
     base = -a_t * h_phi_1  # weight of m_s in x~
     b_h = hh if variant == "bh1" else h_phi_1
     rks = [(lams[k] - lam_s) / h for k in range(1, p)] + [1.0]
-    # R[i][k] = r_k^i, b[i] = h phi_{i+2}-type term * (i+1)! / B(h)
-    R = np.array([[r**i for r in rks] for i in range(p)], dtype=np.float64)
-    b = np.zeros(p, dtype=np.float64)
+    # R[i][k] = r_k^i (Vandermonde in the r_k), b[i] = h phi_{i+2}-type term * (i+1)! / B(h)
+    b = [0.0] * p
     h_phi_k = h_phi_1 / hh - 1.0
     fact = 1.0
     for i in range(p):
         b[i] = h_phi_k * fact / b_h
         fact *= i + 2
         h_phi_k = h_phi_k / hh - 1.0 / fact
+    coef = -a_t * b_h
     # predictor (UniP-p): uses the p - 1 older points
-    pred_w = [base] + [0.0] * (p - 1)
+    pred_w = [base]
     if p >= 2:
-        rhos_p = np.array([0.5]) if p == 2 else np.linalg.solve(R[: p - 1, : p - 1], b[: p - 1])
-        for k in range(1, p):
-            w = -a_t * b_h * float(rhos_p[k - 1]) / rks[k - 1]
-            pred_w[k] += w
-            pred_w[0] -= w
+        rhos_p = [0.5] if p == 2 else _solve_vandermonde(rks[: p - 1], b[: p - 1])
+        pred_w = _plus_differences(base, coef, rhos_p, rks)
     corr_w = None
-    if corrector:
-        rhos_c = np.array([0.5]) if p == 1 else np.linalg.solve(R, b)
-        corr_w = [base] + [0.0] * (p - 1) + [0.0]
-        for k in range(1, p):
-            w = -a_t * b_h * float(rhos_c[k - 1]) / rks[k - 1]
-            corr_w[k] += w
-            corr_w[0] -= w
-        w = -a_t * b_h * float(rhos_c[-1])  # D_t = m_new - m_s, r = 1
-        corr_w[-1] += w
-        corr_w[0] -= w
+    if corrector:  # UniC-p: also D_t = m_new - m_s, at r = rks[-1] = 1
+        rhos_c = [0.5] if p == 1 else _solve_vandermonde(rks, b)
+        corr_w = _plus_differences(base, coef, rhos_c, rks)
     return c_x, pred_w, corr_w
+
+
+def _plus_differences(base, coef, rhos, rks):
+    """Weights of ``m_s, m_1, m_2, ...`` in ``base m_s + coef sum_k rhos_k D_k / r_k`` with
+    ``D_k = m_k - m_s`` (``zip`` stops at the shorter of ``rhos``, ``rks``)."""
+    w = [base]
+    for rho, r in zip(rhos, rks):  # noqa: B905 - the predictor uses only the first p - 1 r_k
+        d = coef * rho / r
+        w.append(d)
+        w[0] -= d
+    return w
 
 
 def _unipc_plan(denoiser, grid, order, variant, use_corrector, lower_order_final):
@@ -171,7 +197,7 @@ def _run_unipc(denoiser, x_init, grid, cond, guidance, record, order, variant, u
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unipc: variant must be 'bh1' or 'bh2', got {variant!r}")
     plan = _unipc_plan(denoiser, grid, order, variant, use_corrector, lower_order_final)
-    predict = Predictor(denoiser, cond, guidance, times=grid)
+    predict = Predictor(denoiser, cond, guidance, times=grid, reads=("data",))
     ts = grid.tolist()
     x = x_init
     hist: list[torch.Tensor] = []  # data predictions, newest first
@@ -181,16 +207,18 @@ def _run_unipc(denoiser, x_init, grid, cond, guidance, record, order, variant, u
             pending = predict(x, ts[i]).data
         hist = [pending, *hist][: max(order, 1)]
         data = pending
-        x_pred = _combine([c_x, *pred_w], [x, *hist])
         pending = None
-        if corr_w is not None:
-            # UniC: the model at the predicted point corrects this step and is reused by the next
-            pending = predict(x_pred, ts[i + 1]).data
-            x_next = _combine([c_x, *corr_w], [x, *hist[: len(corr_w) - 1], pending])
+        if corr_w is None:
+            x_next = _combine([c_x, *pred_w], [x, *hist])
         else:
-            x_next = x_pred
+            # UniC: the model at the predicted point corrects this step and is reused by the
+            # next; both updates share the term c_x x
+            x_scaled = scale(x, c_x)
+            x_pred = _combine(pred_w, hist, x_scaled)
+            pending = predict(x_pred, ts[i + 1]).data
+            x_next = _combine(corr_w, [*hist[: len(corr_w) - 1], pending], x_scaled)
         if record is not None:
-            record.append(StepRecord(float(grid[i]), float(grid[i + 1]), x, x_next, data))
+            record.append(StepRecord(ts[i], ts[i + 1], x, x_next, data))
         x = x_next
     return x
 
@@ -265,24 +293,24 @@ def _deis_plan(denoiser, grid, order, lower_order_final):
     da, ds = c.d_alpha.to(torch.float64).numpy(), c.d_sigma.to(torch.float64).numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         drho = (a * ds - s * da) / (a * a)  # d(sigma/alpha)/dtau at the nodes
-    plan = []
-    for i in range(steps):
-        p = min(order, i + 1)
-        if lower_order_final and steps < 10:
-            p = min(p, steps - i)
-        coefs = [0.0] * p
-        if p > 1:  # p = 1 is DDIM (also the step out of alpha = 0, where (sigma/alpha)' = inf)
-            pts = [times[i - k] for k in range(p)]
-            tau = taus[i]
-            for j in range(p):
-                lag = np.ones_like(tau)
-                for k in range(p):
-                    if k != j:
-                        lag *= (tau - pts[k]) / (pts[j] - pts[k])
-                basis = lag - (1.0 if j == 0 else 0.0)
-                integral = -(times[i] - times[i + 1]) * float(np.sum(w_theta * drho[i] * basis))
-                coefs[j] = alpha[i + 1] * integral
-        plan.append(coefs)
+    final_cap = lower_order_final and steps < 10
+    orders = [min(order, i + 1, steps - i) if final_cap else min(order, i + 1) for i in range(steps)]
+    plan = [[0.0] * p for p in orders]
+    # p = 1 is DDIM (also the step out of alpha = 0, where (sigma/alpha)' = inf); the steps of
+    # each higher order p are integrated together, vectorized over steps
+    for p in sorted(set(orders) - {1}):
+        rows = np.array([i for i, q in enumerate(orders) if q == p])
+        pts = np.array([[times[i - k] for k in range(p)] for i in rows])  # [rows, p]
+        tau = taus[rows]
+        for j in range(p):
+            lag = np.ones_like(tau)
+            for k in range(p):
+                if k != j:
+                    lag *= (tau - pts[:, k, None]) / (pts[:, j, None] - pts[:, k, None])
+            basis = lag - (1.0 if j == 0 else 0.0)
+            integral = -(t_s[rows] - t_t[rows]) * np.sum(w_theta * drho[rows] * basis, axis=1)
+            for i, v in zip(rows.tolist(), integral.tolist(), strict=True):
+                plan[i][j] = alpha[i + 1] * v
     return alpha, sigma, plan
 
 
@@ -307,19 +335,22 @@ def deis(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, re
 def _data_plus_eps_loop(denoiser, x_init, grid, cond, guidance, record, alpha, sigma, plan,
                         order):
     """``x' = alpha_t x_hat + sigma_t eps + sum_j plan[i][j] eps_{i-j}`` (DEIS, iPNDM)."""
-    predict = Predictor(denoiser, cond, guidance, times=grid)
+    predict = Predictor(denoiser, cond, guidance, times=grid, reads=("data", "noise"))
     ts = grid.tolist()
     x = x_init
     eps_hist: list[torch.Tensor] = []
     for i, coefs in enumerate(plan):
         pred = predict(x, ts[i])
-        eps = pred.noise
-        eps_hist = [eps, *eps_hist][:order]
-        # alpha_t x_hat + (sigma_t + D_0) eps from (raw, x) in two operations, then older eps
+        if order > 1:
+            eps_hist = [pred.noise, *eps_hist[: order - 1]]
+        # alpha_t x_hat + (sigma_t + D_0) eps from (raw, x) in two operations (a fresh tensor,
+        # so the older eps add in place)
         x_next = pred.combine(data=alpha[i + 1], noise=sigma[i + 1] + coefs[0])
-        x_next = _combine(coefs[1:], eps_hist[1:], x_next)
+        for c, eps in zip(coefs[1:], eps_hist[1:], strict=False):
+            if c != 0.0:
+                x_next.add_(eps, alpha=c)
         if record is not None:
-            record.append(StepRecord(float(grid[i]), float(grid[i + 1]), x, x_next, pred.data))
+            record.append(StepRecord(ts[i], ts[i + 1], x, x_next, pred.data))
         x = x_next
     return x
 

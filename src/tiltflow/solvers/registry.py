@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..predictions import Prediction
+from ..predictions import Prediction, linear_maps
 
 __all__ = ["SolverInfo", "register", "get", "available", "StepRecord", "Predictor"]
 
@@ -145,38 +145,56 @@ class Predictor:
     ``t`` is a python float (a grid time) or a ``[B]``/0-d tensor. For float times the schedule
     coefficients and the ``[B]`` time tensor are made once per distinct time and reused, so a
     step costs the network call plus a few tensor operations; pass ``times=grid`` to compute
-    all grid coefficients in one float64 call before the loop.
+    all grid coefficients in one float64 call before the loop, and ``reads=("data", ...)``
+    (the prediction kinds the solver reads) to also precompute, in one vectorized pass, the
+    scalar maps from the network's output kind to those.
     """
 
-    def __init__(self, denoiser, cond=None, guidance=None, times=None):
+    def __init__(self, denoiser, cond=None, guidance=None, times=None, reads=()):
         from .guidance import as_guidance
 
         self.denoiser = denoiser
         self.cond = cond
         self.guidance = as_guidance(guidance)
         self.calls = 0
-        self._cache: dict[float, object] = {}
+        self._cache: dict[float, tuple] = {}
         if times is not None:
             times = torch.as_tensor(times, dtype=torch.float64).flatten().tolist()
             for v, c in zip(times, denoiser.schedule.scalars(times), strict=True):
                 self._cache[v] = (None, c)
+            kind = getattr(denoiser, "prediction", None)
+            if reads and kind is not None and self.guidance is None:
+                linear_maps(kind, reads, [c for _, c in self._cache.values()])
 
     def _time(self, t: float, x: torch.Tensor):
         entry = self._cache.get(t)
         if entry is None or entry[0] is None or entry[0].shape[0] != x.shape[0] \
                 or entry[0].device != x.device:
+            if entry is not None and entry[0] is None and x.is_cpu:
+                self._cpu_times(x)
+                return self._cache[t]
             coeffs = entry[1] if entry is not None else self.denoiser.schedule.scalars([t])[0]
             entry = (torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), coeffs)
             self._cache[t] = entry
         return entry
 
+    def _cpu_times(self, x: torch.Tensor):
+        """The ``[B]`` time tensors of all precomputed times not made yet, as rows of one CPU
+        tensor: one allocation instead of one per time (on an accelerator this would be a
+        host-to-device copy, so there each time gets its own fill)."""
+        times = [v for v, (t_vec, _) in self._cache.items() if t_vec is None]
+        rows = torch.tensor(times, dtype=x.dtype)[:, None].expand(-1, x.shape[0]).contiguous()
+        for v, row in zip(times, rows.unbind(0), strict=True):
+            self._cache[v] = (row, self._cache[v][1])
+
     def __call__(self, x: torch.Tensor, t) -> Prediction:
         self.calls += 1
-        time = t if isinstance(t, float) else None
-        if time is not None:
-            t, coeffs = self._time(time, x)
-        else:
-            t, coeffs = t.expand(x.shape[0]), None
+        if isinstance(t, float):
+            t_vec, coeffs = self._time(t, x)
+            if self.guidance is None:
+                return self.denoiser(x, t_vec, self.cond, coeffs=coeffs)
+            return self.guidance(self.denoiser, x, t_vec, self.cond, coeffs=coeffs, time=t)
+        t = t.expand(x.shape[0])
         if self.guidance is None:
-            return self.denoiser(x, t, self.cond, coeffs=coeffs)
-        return self.guidance(self.denoiser, x, t, self.cond, coeffs=coeffs, time=time)
+            return self.denoiser(x, t, self.cond)
+        return self.guidance(self.denoiser, x, t, self.cond, coeffs=None, time=None)

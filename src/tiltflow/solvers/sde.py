@@ -45,19 +45,24 @@ def posterior_coefficients(denoiser, grid: torch.Tensor, eta: float):
 
 def posterior_steps(denoiser, x_init, grid, eta, cond, guidance, generator, record):
     """DDIM(eta) / DDPM ancestral loop shared by ``ddim`` and ``ddpm``."""
-    predict = Predictor(denoiser, cond, guidance, times=grid)
+    predict = Predictor(denoiser, cond, guidance, times=grid, reads=("data", "noise"))
     ts = grid.tolist()
     a_next, eps_coef, std = posterior_coefficients(denoiser, grid, eta)
     a_next, eps_coef, std_list = a_next.tolist(), eps_coef.tolist(), std.tolist()
     x = x_init
-    for i in range(len(a_next)):
+    for i, std_i in enumerate(std_list):
         pred = predict(x, ts[i])
         mean = pred.combine(data=a_next[i], noise=eps_coef[i])
-        x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
+        x_next = _add_noise(mean, std_i, generator)
         if record is not None:
-            _record_step(record, grid, i, x, x_next, pred, mean, std_list[i] if std_list[i] > 0 else None)
+            _record_step(record, grid, i, x, x_next, pred, mean, std_i if std_i > 0 else None)
         x = x_next
     return x
+
+
+def _add_noise(mean, std: float, generator):
+    """``mean + std * z`` (one fused op), or ``mean`` itself when ``std`` is 0."""
+    return torch.add(mean, _randn_like(mean, generator), alpha=std) if std > 0 else mean
 
 
 @register("ddpm", order=1, stochastic=True)
@@ -89,13 +94,13 @@ def euler_maruyama(denoiser, x_init, grid, *, cond=None, guidance=None, generato
     std = (g2 * dts.abs()).sqrt()
     std[grid[1:] == 0] = 0.0
     half_g2, dt_list, std_list = (0.5 * g2).tolist(), dts.tolist(), std.tolist()
-    predict = Predictor(denoiser, cond, guidance, times=grid)
+    predict = Predictor(denoiser, cond, guidance, times=grid, reads=("velocity", "score"))
     ts = grid.tolist()
     x = x_init
     for i, dt in enumerate(dt_list):
         pred = predict(x, ts[i])
         mean = pred.combine(x_t=1.0, velocity=dt, score=-dt * half_g2[i])
-        x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
+        x_next = _add_noise(mean, std_list[i], generator)
         if record is not None:
             _record_step(record, grid, i, x, x_next, pred, mean, std_list[i] if std_list[i] > 0 else None)
         x = x_next

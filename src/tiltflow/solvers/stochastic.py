@@ -20,8 +20,9 @@ import math
 
 import torch
 
+from ..predictions import scale
 from .registry import Predictor, StepRecord, gaussian_log_prob, register
-from .sde import _randn_like
+from .sde import _add_noise, _randn_like
 
 __all__ = ["edm_sde", "dpmpp_2m_sde", "pc", "annealed_langevin"]
 
@@ -93,49 +94,57 @@ def edm_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
     steps = len(grid) - 1
     gamma = min(s_churn / steps, math.sqrt(2) - 1)
 
+    ts, a, sg, level = g64.tolist(), a.tolist(), sg.tolist(), level.tolist()
+    # churned levels s_hat = (1 + gamma) s_i (line 4) and their times, in one float64 call
+    s_hats = {}
+    for i in range(steps):
+        if gamma > 0 and level[i] < _PURE_NOISE_LEVEL and s_tmin <= level[i] <= s_tmax:
+            s_hat = min(level[i] * (1 + gamma), s_cap)
+            if s_hat > level[i]:
+                s_hats[i] = s_hat
+    churned = {}
+    if s_hats:
+        lam = torch.tensor([-2 * math.log(v) for v in s_hats.values()], dtype=torch.float64)
+        t_hat = [min(max(t, ts[i]), 1.0)
+                 for i, t in zip(s_hats, sched.t_from_logsnr(lam).tolist(), strict=True)]
+        ch = sched(torch.tensor(t_hat, dtype=torch.float64))
+        churned = {i: (t, a_, s_) for i, t, a_, s_ in
+                   zip(s_hats, t_hat, ch.alpha.tolist(), ch.sigma.tolist(), strict=True)}
+
     plan = []  # per step: t_hat, churn scale, churn std, r-form?, correct?, coefficients
     for i in range(steps):
-        t_i, s_i, a_i = float(g64[i]), float(level[i]), float(a[i])
-        t_hat, a_hat, sg_hat, scale, churn_std = t_i, a_i, float(sg[i]), 1.0, 0.0
-        pure = not (s_i < _PURE_NOISE_LEVEL)
-        if gamma > 0 and not pure and s_tmin <= s_i <= s_tmax:
-            s_hat = min(s_i * (1 + gamma), s_cap)
-            if s_hat > s_i:
-                lam = torch.tensor(-2 * math.log(s_hat), dtype=torch.float64)
-                t_hat = min(max(float(sched.t_from_logsnr(lam)), t_i), 1.0)
-                ch = sched(torch.tensor(t_hat, dtype=torch.float64))
-                a_hat, sg_hat = float(ch.alpha), float(ch.sigma)
-                scale = a_hat / a_i
-                churn_std = a_hat * math.sqrt(max((sg_hat / a_hat) ** 2 - s_i**2, 0.0)) * s_noise
-        a_n, sg_n = float(a[i + 1]), float(sg[i + 1])
+        t_hat, a_hat, sg_hat, scale_x, churn_std = ts[i], a[i], sg[i], 1.0, 0.0
+        if i in churned:
+            t_hat, a_hat, sg_hat = churned[i]
+            scale_x = a_hat / a[i]
+            churn_std = a_hat * math.sqrt(max((sg_hat / a_hat) ** 2 - level[i] ** 2, 0.0)) * s_noise
+        a_n, sg_n = a[i + 1], sg[i + 1]
         s_hat = sg_hat / a_hat if a_hat > 0 else math.inf
         r_form = not (s_hat < _PURE_NOISE_LEVEL)
         # Heun: s-form  a' D + sigma' (e + e')/2 + a' s_hat (e - e')/2
         #       r-form  sigma' e + a' (D + D')/2 + sigma' r_hat (D - D')/2
         half_gap = 0.5 * (sg_n * a_hat / sg_hat if r_form else a_n * s_hat)
-        plan.append((t_hat, scale, churn_std, r_form, float(g64[i + 1]) > 0, a_n, sg_n, half_gap))
+        plan.append((t_hat, scale_x, churn_std, r_form, ts[i + 1] > 0, a_n, sg_n, half_gap))
 
-    predict = Predictor(denoiser, cond, guidance)
     t_hats = [p[0] for p in plan]  # python floats: no host-to-device copy
-    ts = g64.tolist()
+    predict = Predictor(denoiser, cond, guidance, times=t_hats + ts[1:], reads=("data", "noise"))
     x = x_init
-    for i, (_, scale, churn_std, r_form, correct, a_n, sg_n, half_gap) in enumerate(plan):
+    for i, (t_hat, scale_x, churn_std, r_form, correct, a_n, sg_n, half_gap) in enumerate(plan):
         x_hat = x
         if churn_std > 0:  # lines 5-6: raise the noise level to s_hat
-            x_hat = scale * x + churn_std * _randn_like(x, generator)
-        pred = predict(x_hat, t_hats[i])
-        data, eps = pred.data, pred.noise
-        x_next = a_n * data + sg_n * eps  # line 8: Euler step (= DDIM in x_t)
-        if correct:  # lines 9-11: second-order correction
+            x_hat = torch.add(scale(x, scale_x), _randn_like(x, generator), alpha=churn_std)
+        pred = predict(x_hat, t_hat)
+        x_next = pred.combine(data=a_n, noise=sg_n)  # line 8: Euler step (= DDIM in x_t)
+        if correct:  # lines 9-11: second-order correction, expanded in the two evaluations
             pred2 = predict(x_next, ts[i + 1])
-            if r_form:
-                data2 = pred2.data
-                x_next = sg_n * eps + (0.5 * a_n) * (data + data2) + half_gap * (data - data2)
-            else:
-                eps2 = pred2.noise
-                x_next = a_n * data + (0.5 * sg_n) * (eps + eps2) + half_gap * (eps - eps2)
+            if r_form:  # sigma' e + a'/2 (D + D') + half_gap (D - D')
+                x_next = pred2.combine(data=0.5 * a_n - half_gap, plus=pred.combine(
+                    noise=sg_n, data=0.5 * a_n + half_gap))
+            else:  # a' D + sigma'/2 (e + e') + half_gap (e - e')
+                x_next = pred2.combine(noise=0.5 * sg_n - half_gap, plus=pred.combine(
+                    data=a_n, noise=0.5 * sg_n + half_gap))
         if record is not None:
-            _record(record, grid[i], grid[i + 1], x, x_next, data)
+            _record(record, grid[i], grid[i + 1], x, x_next, pred.data)
         x = x_next
     return x
 
@@ -199,16 +208,16 @@ def dpmpp_2m_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=
     std = s_noise * sg_n * noise_frac.clamp_min(0).sqrt()
     c_x, c_d0, second, std_list = c_x.tolist(), c_d0.tolist(), second.tolist(), std.tolist()
 
-    predict = Predictor(denoiser, cond, guidance)
+    predict = Predictor(denoiser, cond, guidance, times=grid, reads=("data",))
     ts = grid.tolist()
     x, data_prev = x_init, None
     for i in range(len(c_x)):
-        pred = predict(x, ts[i])
-        data = pred.data
-        mean = c_x[i] * x + c_d0[i] * data
+        data = predict(x, ts[i]).data
+        # c_x x + c_d0 D_i + second (D_i - D_{i-1}), a fresh tensor added to in place
+        mean = scale(x, c_x[i]).add_(data, alpha=c_d0[i] + second[i])
         if second[i] != 0:
-            mean = mean + second[i] * (data - data_prev)
-        x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
+            mean.add_(data_prev, alpha=-second[i])
+        x_next = _add_noise(mean, std_list[i], generator)
         if record is not None:
             _record(record, grid[i], grid[i + 1], x, x_next, data, mean,
                     std_list[i] if std_list[i] > 0 else None)
@@ -272,7 +281,8 @@ def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, reco
         raise ValueError(f"pc: non-finite noise for schedule {denoiser.schedule!r} on this grid")
     std_list = std.tolist()
 
-    predict = Predictor(denoiser, cond, guidance)
+    reads = ("score", "data") if predictor == "reverse_diffusion" else ("score", "data", "velocity")
+    predict = Predictor(denoiser, cond, guidance, times=g64, reads=reads)
     ts = g64.tolist()
     x = x_init
     for i in range(len(std_list)):
@@ -288,10 +298,8 @@ def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, reco
                 _record(record, grid[i], grid[i], x, x_next, pred.data)
             x = x_next
         pred = predict(x, ts[i])  # predictor to t_{i+1}
-        mean = c_x[i] * x + c_score[i] * pred.score
-        if c_v[i] != 0:
-            mean = mean + c_v[i] * pred.velocity
-        x_next = mean + std_list[i] * _randn_like(x, generator) if std_list[i] > 0 else mean
+        mean = pred.combine(x_t=c_x[i], score=c_score[i], velocity=c_v[i])
+        x_next = _add_noise(mean, std_list[i], generator)
         if record is not None:
             _record(record, grid[i], grid[i + 1], x, x_next, pred.data, mean,
                     std_list[i] if std_list[i] > 0 else None)
@@ -346,7 +354,7 @@ def annealed_langevin(denoiser, x_init, grid, *, cond=None, guidance=None, gener
     a_out, sg_out = float(a[-1]), float(sg[-1])
     n = len(drift)
 
-    predict = Predictor(denoiser, cond, guidance)
+    predict = Predictor(denoiser, cond, guidance, times=g64, reads=("noise", "data"))
     ts = g64.tolist()
     x = x_init
     for i in range(n):
@@ -354,14 +362,14 @@ def annealed_langevin(denoiser, x_init, grid, *, cond=None, guidance=None, gener
         for k in range(steps_per_level):
             pred = predict(x, ts[i])
             if i == n - 1 and k == steps_per_level - 1:  # leave the chain: denoise / DDIM
-                x_next = a_out * pred.data + sg_out * pred.noise
+                x_next = pred.combine(data=a_out, noise=sg_out)
                 if record is not None:
                     _record(record, grid[i], grid[i + 1], x, x_next, pred.data)
                 x = x_next
                 break
             r = move[i] if k == steps_per_level - 1 else 1.0
-            mean = r * (x - drift[i] * pred.noise)
-            x_next = mean + (r * noise[i]) * _randn_like(x, generator)
+            mean = pred.combine(x_t=r, noise=-r * drift[i])  # r (x - drift eps_hat)
+            x_next = torch.add(mean, _randn_like(x, generator), alpha=r * noise[i])
             if record is not None:
                 std_i = _std_tensor(r * noise[i], x)
                 t_next = grid[i + 1] if k == steps_per_level - 1 else grid[i]
