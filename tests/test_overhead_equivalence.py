@@ -18,10 +18,10 @@ from tiltflow.predictions import KINDS, scale
 
 F64 = torch.float64
 
-# every solver in ode.py, sde.py, dpm.py, multistep.py, stochastic.py
+# every solver in ode.py, sde.py, dpm.py, multistep.py, stochastic.py and the fixed-step rk.py
 SOLVERS = ["euler", "heun", "ddim", "dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s",
            "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_p", "deis", "ipndm", "ddpm", "euler_maruyama",
-           "edm_sde", "dpmpp_2m_sde", "pc", "annealed_langevin"]
+           "edm_sde", "dpmpp_2m_sde", "pc", "annealed_langevin", "midpoint", "rk4", "rk4_38"]
 
 
 _W = {}  # the stand-in's weights per (device, dtype), made on first use (outside a sync check)

@@ -67,6 +67,15 @@ class Coeffs:
         return (self.alpha, self.sigma, self.d_alpha, self.d_sigma)
 
 
+def _scalar_coeffs(alpha, sigma, d_alpha, d_sigma) -> Coeffs:
+    """``Coeffs(alpha, sigma, d_alpha, d_sigma)`` for :meth:`Schedule.scalars`, without the
+    frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field): a solver makes one
+    per grid time before its loop, so this is per-step cost of every sampler. Same object."""
+    c = object.__new__(Coeffs)
+    c.__dict__.update(alpha=alpha, sigma=sigma, d_alpha=d_alpha, d_sigma=d_sigma, maps={})
+    return c
+
+
 def _as_tensor(t) -> torch.Tensor:
     if not torch.is_tensor(t):
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -92,8 +101,7 @@ class Schedule(abc.ABC):
         """Scalar (numpy float64) coefficients at each of ``times``, computed in one float64
         call: what a solver precomputes before its loop."""
         c = self(torch.as_tensor(times, dtype=torch.float64).flatten().cpu())
-        cols = [v.numpy() for v in c.as_tuple()]
-        return [Coeffs(*(col[i] for col in cols)) for i in range(len(cols[0]))]
+        return [_scalar_coeffs(*row) for row in zip(*(v.numpy() for v in c.as_tuple()), strict=True)]
 
     # -- to override -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -279,8 +287,17 @@ class VPDiscrete(Schedule):
     def _log_alpha_and_slope(self, t):
         k = self._segment(t)
         kt, kla = self._knots_t.to(t.device), self._knots_la.to(t.device)
-        slope = ((kla[k + 1] - kla[k]) / (kt[k + 1] - kt[k])).to(t.dtype)
-        return kla[k].to(t.dtype) + slope * (t - kt[k].to(t.dtype)), slope
+        t0, la0 = kt[k], kla[k]
+        slope = ((kla[k + 1] - la0) / (kt[k + 1] - t0)).to(t.dtype)
+        return la0.to(t.dtype) + slope * (t - t0.to(t.dtype)), slope
+
+    def __call__(self, t) -> Coeffs:
+        # the four coefficients from one table lookup (the generic __call__ would do four)
+        t = _as_tensor(t)
+        la, slope = self._log_alpha_and_slope(t)
+        alpha = torch.exp(la)
+        sigma = torch.sqrt((-torch.expm1(2 * la)).abs())
+        return Coeffs(alpha, sigma, slope * alpha, -slope * torch.exp(2 * la) / sigma)
 
     def alpha(self, t):
         return torch.exp(self._log_alpha_and_slope(t)[0])

@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..predictions import scale
 from .registry import Predictor, StepRecord, register
 
 __all__ = ["dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m",
@@ -284,20 +285,38 @@ def _multistep(denoiser, x_init, grid, order, lower_order_final, cond, guidance,
     plan = _multistep_plan(denoiser.schedule, grid, order, lower_order_final)
     g = grid.tolist()
     predict = Predictor(denoiser, cond, guidance, times=g, reads=("data",))
-    keep = order > 1 or record is not None
-    history: list[torch.Tensor] = []  # x_hat at the previous grid points, newest first
+    # ahead[k] = sum_{j >= 1} c_j x_hat_{k-j}, the part of step k's update that earlier
+    # evaluations give: each x_hat_i is added to the sums of the later steps that use it as soon
+    # as it is known (x_hat is linear in the network output and x: read for one use straight
+    # from those, two tensor operations; formed once, also two, when several steps use it)
+    ahead: list[torch.Tensor | None] = [None] * len(plan)
+    uses = _later_uses(plan)
     x = x_init
     for i, (A, c) in enumerate(plan):
         pred = predict(x, g[i])
-        x_next = pred.combine(x_t=A, data=c[0])  # a fresh tensor: the adds below go in place
-        for cj, mj in zip(c[1:], history, strict=False):  # len(c) = this step's order
-            x_next.add_(mj, alpha=cj)
-        if keep:
-            history = [pred.data, *history[: order - 2]]
+        x_next = pred.combine(x_t=A, data=c[0], plus=ahead[i])  # x' = A x + sum_j c_j x_hat_{i-j}
+        ahead[i] = None
+        if len(uses[i]) == 1:
+            k, w = uses[i][0]
+            ahead[k] = pred.combine(data=w, plus=ahead[k])
+        elif uses[i]:
+            data = pred.data
+            for k, w in uses[i]:
+                ahead[k] = scale(data, w) if ahead[k] is None else torch.add(ahead[k], data, alpha=w)
         if record is not None:
-            record.append(StepRecord(g[i], g[i + 1], x, x_next, history[0]))
+            record.append(StepRecord(g[i], g[i + 1], x, x_next, pred.data))
         x = x_next
     return x
+
+
+def _later_uses(plan) -> list[list[tuple[int, float]]]:
+    """Per step ``i`` of a multistep plan, ``(k, c_j)`` for each later step ``k = i + j`` whose
+    update has the term ``c_j x_hat_i`` (``len(c)`` is step k's order)."""
+    uses: list[list[tuple[int, float]]] = [[] for _ in plan]
+    for k, (_, c) in enumerate(plan):
+        for j in range(1, len(c)):
+            uses[k - j].append((k, c[j]))
+    return uses
 
 
 @register("dpmpp_2m", order=2)

@@ -82,21 +82,22 @@ def _combine(coefs, tensors, out=None):
     return out
 
 
-def _solve_vandermonde(nodes: list[float], b: list[float]) -> list[float]:
+def _solve_vandermonde(nodes: list, b: list) -> list:
     """Solve ``sum_k nodes[k]**i a_k = b_i`` (``i < n``, distinct nodes) with the O(n^2)
-    Björck–Pereyra algorithm (Golub & Van Loan, Algorithm 4.6.2) in python floats: for the
-    1-3 unknowns of UniPC a few float operations, where ``np.linalg.solve``'s call overhead
-    alone would cost more than a sampling step."""
+    Björck–Pereyra algorithm (Golub & Van Loan, Algorithm 4.6.2): for the 1-3 unknowns of
+    UniPC a few float operations, where ``np.linalg.solve``'s call overhead alone would cost
+    more than a sampling step. Entries may be floats or numpy arrays (one system per element,
+    all steps of a plan at once); never updated in place, so ``b`` is left unchanged."""
     n = len(nodes)
     a = list(b)
     for k in range(n - 1):
         for i in range(n - 1, k, -1):
-            a[i] -= nodes[k] * a[i - 1]
+            a[i] = a[i] - nodes[k] * a[i - 1]
     for k in range(n - 2, -1, -1):
         for i in range(k + 1, n):
-            a[i] /= nodes[i] - nodes[i - k - 1]
+            a[i] = a[i] / (nodes[i] - nodes[i - k - 1])
         for i in range(k, n - 1):
-            a[i] -= a[i + 1]
+            a[i] = a[i] - a[i + 1]
     return a
 
 
@@ -118,9 +119,12 @@ def _unipc_step_plan(a_t, s_t, s_s, lams, t_lam, p, variant, corrector):
     Vandermonde matrix of the ``r_k``, ``g_k = k! h phi_{k+1}(-h)``-type terms from the
     recursion ``phi_{k+1} = (phi_k - 1/k!) / (-h)``, Algorithms 2-3 in data-prediction form),
     except ``a = 1/2`` for UniP-2 and UniC-1 (the paper's choice).
+
+    Every argument but ``p``, ``variant`` and ``corrector`` may be a numpy array: the weights
+    of all steps of one shape (``p``, corrector or not, out of pure noise or not) in one call.
     """
     lam_s = lams[0]
-    if lam_s == -math.inf:
+    if np.all(lam_s == -math.inf):
         # infinite step out of pure noise: e^{-h} = 0, h phi_1 = -1, and bh2's B(h) -> -1 (bh1's
         # B(h) = -h is infinite, so both variants use this limit). UniC-1 with a = 1/2 then
         # averages the two data predictions: x' = x_ + alpha_t (m_s + m_new) / 2 - alpha_t m_s.
@@ -130,7 +134,7 @@ def _unipc_step_plan(a_t, s_t, s_s, lams, t_lam, p, variant, corrector):
         return c_x, pred_w, corr_w
     h = t_lam - lam_s
     hh = -h
-    h_phi_1 = math.expm1(hh)
+    h_phi_1 = np.expm1(hh)
     c_x = s_t / s_s
     base = -a_t * h_phi_1  # weight of m_s in x~
     b_h = hh if variant == "bh1" else h_phi_1
@@ -163,21 +167,21 @@ def _plus_differences(base, coef, rhos, rks):
     for rho, r in zip(rhos, rks):  # noqa: B905 - the predictor uses only the first p - 1 r_k
         d = coef * rho / r
         w.append(d)
-        w[0] -= d
+        w[0] = w[0] - d  # not in place: ``base`` may be an array the caller reuses
     return w
 
 
 def _unipc_plan(denoiser, grid, order, variant, use_corrector, lower_order_final):
+    """Per step ``(c_x, pred_w, corr_w)`` of :func:`_unipc_step_plan`, as python floats."""
     alpha, sigma = _alpha_sigma(denoiser, grid)
     lam = [_half_logsnr(a, s) for a, s in zip(alpha, sigma, strict=True)]
     steps = len(grid) - 1
-    plan = []
+    plan: list = [None] * steps
+    shapes: dict[tuple, list[int]] = {}  # (p, corrector, out of pure noise) -> steps
     for i in range(steps):
-        a_t, s_t, s_s = alpha[i + 1], sigma[i + 1], sigma[i]
-        last = i == steps - 1
-        if s_t == 0.0:
+        if sigma[i + 1] == 0.0:
             # step to sigma = 0 (lam = +inf): the limiting first-order step x' = alpha_t x_hat
-            plan.append((0.0, [a_t], None))
+            plan[i] = (0.0, [alpha[i + 1]], None)
             continue
         # history points with finite lam, newest first (a lam = -inf point drops out of the
         # higher-order terms in the limit: its divided difference D_k / r_k -> 0)
@@ -186,10 +190,27 @@ def _unipc_plan(denoiser, grid, order, variant, use_corrector, lower_order_final
             p += 1
         if lower_order_final and steps < 10:
             p = min(p, steps - i)
-        hist = [lam[i - k] for k in range(p)]
-        corrector = use_corrector and not last
-        plan.append(_unipc_step_plan(a_t, s_t, s_s, hist, lam[i + 1], p, variant, corrector))
+        corrector = use_corrector and i < steps - 1
+        shapes.setdefault((p, corrector, lam[i] == -math.inf), []).append(i)
+    # the steps of one shape share one vectorized evaluation of the step formulas
+    a, s, lam_a = np.array(alpha), np.array(sigma), np.array(lam)
+    for (p, corrector, _), rows in shapes.items():
+        i = np.array(rows)
+        c_x, pred_w, corr_w = _unipc_step_plan(a[i + 1], s[i + 1], s[i],
+                                               [lam_a[i - k] for k in range(p)], lam_a[i + 1],
+                                               p, variant, corrector)
+        n = len(rows)
+        pred_rows = zip(*(_floats(w, n) for w in pred_w), strict=True)
+        corr_rows = zip(*(_floats(w, n) for w in corr_w), strict=True) if corrector else [None] * n
+        plan_rows = zip(rows, _floats(c_x, n), pred_rows, corr_rows, strict=True)
+        for step, *weights in plan_rows:
+            plan[step] = tuple(weights)
     return plan
+
+
+def _floats(v, n: int) -> list[float]:
+    """A scalar or ``[n]`` array of per-step values as ``n`` python floats."""
+    return np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)).tolist()
 
 
 def _run_unipc(denoiser, x_init, grid, cond, guidance, record, order, variant, use_corrector,
@@ -298,9 +319,10 @@ def _deis_plan(denoiser, grid, order, lower_order_final):
     plan = [[0.0] * p for p in orders]
     # p = 1 is DDIM (also the step out of alpha = 0, where (sigma/alpha)' = inf); the steps of
     # each higher order p are integrated together, vectorized over steps
+    t_all, a_next = g.numpy(), np.array(alpha[1:])
     for p in sorted(set(orders) - {1}):
         rows = np.array([i for i, q in enumerate(orders) if q == p])
-        pts = np.array([[times[i - k] for k in range(p)] for i in rows])  # [rows, p]
+        pts = t_all[rows[:, None] - np.arange(p)]  # [rows, p]: times[i - k], newest first
         tau = taus[rows]
         for j in range(p):
             lag = np.ones_like(tau)
@@ -309,8 +331,8 @@ def _deis_plan(denoiser, grid, order, lower_order_final):
                     lag *= (tau - pts[:, k, None]) / (pts[:, j, None] - pts[:, k, None])
             basis = lag - (1.0 if j == 0 else 0.0)
             integral = -(t_s[rows] - t_t[rows]) * np.sum(w_theta * drho[rows] * basis, axis=1)
-            for i, v in zip(rows.tolist(), integral.tolist(), strict=True):
-                plan[i][j] = alpha[i + 1] * v
+            for i, v in zip(rows.tolist(), (a_next[rows] * integral).tolist(), strict=True):
+                plan[i][j] = v
     return alpha, sigma, plan
 
 

@@ -160,11 +160,11 @@ class Predictor:
         self._cache: dict[float, tuple] = {}
         if times is not None:
             times = torch.as_tensor(times, dtype=torch.float64).flatten().tolist()
-            for v, c in zip(times, denoiser.schedule.scalars(times), strict=True):
-                self._cache[v] = (None, c)
+            coeffs = denoiser.schedule.scalars(times)
+            self._cache.update(zip(times, ((None, c) for c in coeffs), strict=True))
             kind = getattr(denoiser, "prediction", None)
             if reads and kind is not None and self.guidance is None:
-                linear_maps(kind, reads, [c for _, c in self._cache.values()])
+                linear_maps(kind, reads, coeffs)
 
     def _time(self, t: float, x: torch.Tensor):
         entry = self._cache.get(t)
@@ -182,10 +182,10 @@ class Predictor:
         """The ``[B]`` time tensors of all precomputed times not made yet, as rows of one CPU
         tensor: one allocation instead of one per time (on an accelerator this would be a
         host-to-device copy, so there each time gets its own fill)."""
-        times = [v for v, (t_vec, _) in self._cache.items() if t_vec is None]
+        times, coeffs = zip(*((v, c) for v, (t_vec, c) in self._cache.items() if t_vec is None),
+                            strict=True)
         rows = torch.tensor(times, dtype=x.dtype)[:, None].expand(-1, x.shape[0]).contiguous()
-        for v, row in zip(times, rows.unbind(0), strict=True):
-            self._cache[v] = (row, self._cache[v][1])
+        self._cache.update(zip(times, zip(rows.unbind(0), coeffs, strict=True), strict=True))
 
     def __call__(self, x: torch.Tensor, t) -> Prediction:
         self.calls += 1

@@ -82,7 +82,8 @@ class _Velocity:
 
     def __init__(self, denoiser, cond, guidance, grid, stage_times):
         self.ts = grid.tolist()
-        self.predict = Predictor(denoiser, cond, guidance, times=self.ts + stage_times)
+        self.predict = Predictor(denoiser, cond, guidance, times=self.ts + stage_times,
+                                 reads=("velocity", "data"))
         clean, self.limit = _clean_limits(denoiser.schedule, grid)
         self.inv_alpha = [1.0 / a if a > 0 else math.inf
                           for a in denoiser.schedule(grid.to(_F64)).alpha.tolist()]
@@ -94,16 +95,35 @@ class _Velocity:
                     "(noise level ~1e-3), as inversion and likelihood do"
                 )
 
-    def at_node(self, x, i):
-        """Velocity and data prediction at grid point ``i``."""
+    def at_node(self, x, i, data: bool = False):
+        """Velocity and, with ``data=True`` (for ``record``; else ``None``, which saves its two
+        tensor operations), the data prediction at grid point ``i``."""
         g = self.limit[i]
         if g is not None:
-            return g * x, x * self.inv_alpha[i]
+            return g * x, x * self.inv_alpha[i] if data else None
         pred = self.predict(x, self.ts[i])
-        return pred.velocity, pred.data
+        return pred.velocity, pred.data if data else None
 
     def at(self, x, t: float):
         return self.predict(x, t).velocity
+
+    # A stage whose velocity enters one combination only is that combination, read straight
+    # from the network output (velocity is linear in it and x): two tensor operations instead
+    # of two to form the velocity and one to add it.
+    def euler_at_node(self, x, i, dt: float, data: bool = False, base=None):
+        """``base + dt * v(x, t_i)`` (``base`` defaults to ``x``) at grid point ``i``, and the
+        data prediction as in :meth:`at_node`."""
+        if self.limit[i] is not None:
+            v, x_hat = self.at_node(x, i, data)
+            return torch.add(x if base is None else base, v, alpha=dt), x_hat
+        pred = self.predict(x, self.ts[i])
+        out = pred.combine(x_t=1.0, velocity=dt) if base is None else \
+            pred.combine(velocity=dt, plus=base)
+        return out, pred.data if data else None
+
+    def euler_at(self, x, t: float, dt: float, base):
+        """``base + dt * v(x, t)``."""
+        return self.predict(x, t).combine(velocity=dt, plus=base)
 
 
 def _record(record, grid, i, x, x_next, data):
@@ -122,9 +142,8 @@ def midpoint(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None
     dts = (grid[1:] - grid[:-1]).tolist()
     x = x_init
     for i, h in enumerate(dts):
-        k1, data = vel.at_node(x, i)
-        k2 = vel.at(torch.add(x, k1, alpha=0.5 * h), half[i])
-        x_next = torch.add(x, k2, alpha=h)
+        x_half, data = vel.euler_at_node(x, i, 0.5 * h, record is not None)  # x + h/2 k1
+        x_next = vel.euler_at(x_half, half[i], h, base=x)  # x + h k2, k2 = v(t + h/2, x_half)
         _record(record, grid, i, x, x_next, data)
         x = x_next
     return x
@@ -169,7 +188,7 @@ def _four_stage(tableau, denoiser, x_init, grid, cond, guidance, record):
     n = len(dts)
     x = x_init
     for i, h in enumerate(dts):
-        k1, data = vel.at_node(x, i)
+        k1, data = vel.at_node(x, i, record is not None)
         if ralston_last and i == n - 1:
             k2 = vel.at(torch.add(x, k1, alpha=0.5 * h), half[i])
             k3 = vel.at(torch.add(x, k2, alpha=0.75 * h), three_q[i])
@@ -177,8 +196,9 @@ def _four_stage(tableau, denoiser, x_init, grid, cond, guidance, record):
         else:
             k2 = vel.at(_lin(x, h, rows[0], (k1,)), stage2[i])
             k3 = vel.at(_lin(x, h, rows[1], (k1, k2)), stage3[i])
-            k4, _ = vel.at_node(_lin(x, h, rows[2], (k1, k2, k3)), i + 1)
-            x_next = _lin(x, h, weights, (k1, k2, k3, k4))
+            # x' = x + h (b1 k1 + b2 k2 + b3 k3) + h b4 k4, k4 = v(t + h, x4)
+            x4, partial = _lin(x, h, rows[2], (k1, k2, k3)), _lin(x, h, weights[:3], (k1, k2, k3))
+            x_next, _ = vel.euler_at_node(x4, i + 1, h * weights[3], base=partial)
         _record(record, grid, i, x, x_next, data)
         x = x_next
     return x
