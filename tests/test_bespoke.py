@@ -109,7 +109,7 @@ def test_refined_bespoke_is_consistent(bed):
 
 @pytest.mark.parametrize("key", ["rf", "vp"])
 def test_optimized_grid_beats_the_uniform_grid_on_held_out_noises(key):
-    """Adam through the differentiable UniPC (the default base) at NFE 6, fitted on 256 noises,
+    """Adam through the differentiable UniPC (the former default) at NFE 6, fitted on 256 noises,
     judged on 1024 others. Measured ratio to the uniform grid ~0.67 on both schedules (see
     benchmarks/results/bespoke.md); asserted: a clear gain (< 0.9), the grid strictly decreasing
     from 1 to exactly 0, float64, and exactly 6 network calls through tiltflow.sample."""
@@ -117,7 +117,7 @@ def test_optimized_grid_beats_the_uniform_grid_on_held_out_noises(key):
     train, test = _noise(256, 10), _noise(1024, 11)
     ref = B.reference_solve(den, B._start(den, train))
     ref_test = B.reference_solve(den, B._start(den, test))
-    fitted = B.fit_grid(den, 6, noises=train, reference=ref)
+    fitted = B.fit_grid(den, 6, "unipc", noises=train, reference=ref, method="adam")
     grid = fitted.grid
     assert fitted.base == "unipc" and fitted.fit_info["optimizer"] == "adam"
     assert grid.dtype == torch.float64 and len(grid) == 7
@@ -151,7 +151,7 @@ def test_differentiable_twin_matches_the_registered_solver(solver):
                 grid = tf.solvers.grids.get_grid(name, steps, sched)
                 torch.testing.assert_close(B.differentiable_solve(den, x0, grid, solver),
                                            tf.solvers.solve(den, x0, grid, solver),
-                                           rtol=0, atol=1e-10)
+                                           rtol=0, atol=1e-9 if solver == "deis" else 1e-10)
     den = GMM.denoiser(S.VPDiscrete.linear())
     x0 = B._start(den, noise)
     ref = B.reference_solve(den, x0)
@@ -179,9 +179,9 @@ def test_grid_fitting_options_and_errors(bed):
     assert float(grid[0]) == 1.0 and float(grid[-1]) == 0.0 and bool((grid[1:] < grid[:-1]).all())
     assert nm.fit_info["train_rmse"] <= nm.fit_info["init_rmse"]
     with pytest.raises(ValueError, match="method must be"):
-        B.fit_grid(den, 4, noises=train, reference=ref, method="lbfgs")
+        B.fit_grid(den, 4, noises=train, reference=ref, method="bfgs")
     with pytest.raises(ValueError, match="nelder_mead"):
-        B.fit_grid(den, 4, "ipndm", noises=train, reference=ref)
+        B.fit_grid(den, 7, "rk4", noises=train, reference=ref)
     with pytest.raises(ValueError, match="stochastic"):
         B.fit_grid(den, 4, "ddpm", noises=train, reference=ref)
     with pytest.raises(ValueError, match="no differentiable version"):

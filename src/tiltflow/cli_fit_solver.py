@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-_DEFAULT_BASE = {"bespoke": "midpoint", "bns": "ddim", "grid": "unipc"}
-_DEFAULT_STEPS = {"bespoke": 400, "bns": 600, "grid": 800}
+_DEFAULT_BASE = {"bespoke": "midpoint", "bns": "ddim", "grid": "auto"}
+_DEFAULT_STEPS = {"bespoke": 400, "bns": 600, "grid": None}  # grid: fit_grid's, per method
 
 
 def add_parser(subparsers):
@@ -35,7 +35,14 @@ def add_parser(subparsers):
     p.add_argument("--base", default=None,
                    help="base solver: bespoke euler|midpoint (default midpoint); bns: a linear "
                         "registered solver to start from (default ddim); grid: the registered "
-                        "solver whose grid is optimised (default unipc)")
+                        "solver whose grid is optimised, or auto (default: fit several bases, "
+                        "keep the best on held-out noises)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="grid: an option of the --base solver, repeatable (e.g. --option "
+                        "variant=bh1 for unipc); saved with the grid")
+    p.add_argument("--method", choices=["lbfgs", "adam", "nelder_mead"], default=None,
+                   help="grid: optimiser (default lbfgs through the solver's differentiable "
+                        "twin, nelder_mead for a solver without one)")
     p.add_argument("--loss", default=None,
                    help="bespoke only: rmse (endpoint RMSE to the reference, the default) or "
                         "bound (the paper's RMSE-bound: local errors along the ground-truth "
@@ -45,7 +52,8 @@ def add_parser(subparsers):
                         "(default 1, the paper's)")
     p.add_argument("--num-noises", type=int, default=256, help="training noises (default 256)")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimiser iterations (default: bespoke 400, bns 600, grid 800)")
+                   help="optimiser iterations (default: bespoke 400, bns 600, grid: 100 for "
+                        "lbfgs, 800 for adam, 1500 solver runs for nelder_mead)")
     p.add_argument("--seed", type=int, default=0, help="seed of the training noises")
     p.add_argument("--label", type=int, default=None,
                    help="class label for conditional models (default: labels cycle over classes)")
@@ -113,8 +121,10 @@ def run(args) -> int:
     if args.nfe < 1:
         raise UserError(f"--nfe must be >= 1, got {args.nfe}")
     steps = args.steps if args.steps is not None else _DEFAULT_STEPS[args.kind]
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
+    if args.kind != "grid" and (getattr(args, "option", None) or getattr(args, "method", None)):
+        raise UserError("--option and --method apply to --kind grid only")
     base = args.base or _DEFAULT_BASE[args.kind]
     loss = args.loss if args.loss is not None else "rmse"
     if loss not in B.LOSSES:
@@ -130,6 +140,8 @@ def run(args) -> int:
         if B._BASES[base] == 2 and args.nfe % 2:
             raise UserError(f"a bespoke {base} solver spends 2 evaluations per step; use an "
                             f"even --nfe (got {args.nfe}) or --base euler")
+    elif args.kind == "grid":
+        grid_kw = _grid_args(args, base)
     else:
         get_solver(base).steps_for_nfe(args.nfe)  # clear error for an impossible NFE
     den, noises, cond, model, out = _load(args)
@@ -138,9 +150,8 @@ def run(args) -> int:
     ref = B.reference_solve(den, x_init, cond=cond)
     common = dict(noises=noises, reference=ref, cond=cond, model=model, progress=True)
     if args.kind == "grid":
-        # Adam through a differentiable copy of the solver where one exists, else Nelder-Mead
-        method = "adam" if base in B.GRID_SOLVERS else "nelder_mead"
-        fitted = B.fit_grid(den, args.nfe, base, steps=steps, method=method, **common)
+        fitted = B.fit_grid(den, args.nfe, base, steps=steps, **grid_kw, **common)
+        base = fitted.base + (f" {fitted.options}" if fitted.options else "")
     elif args.kind == "bespoke":
         lip = args.lipschitz if args.lipschitz is not None else 1.0
         fitted = B.BespokeSolver.fit(den, args.nfe, base, steps=steps, loss=loss, lipschitz=lip,
@@ -154,3 +165,32 @@ def run(args) -> int:
     print(f"wrote {out}: {args.kind} solver, nfe={args.nfe}, base={base}{how}; training "
           f"endpoint RMSE {fit['train_rmse']:.4g}{init}, {fit['seconds']:.1f} s")
     return 0
+
+
+def _grid_args(args, base: str) -> dict:
+    """``fit_grid`` keywords from ``--option`` / ``--method``, checked before the model loads."""
+    from .config import parse_value
+    from .solvers import bespoke as B
+    from .solvers import get as get_solver
+
+    options = {}
+    for item in args.option:
+        if "=" not in item:
+            raise UserError(f"--option {item!r} is not KEY=VALUE (e.g. --option variant=bh1)")
+        key, value = item.split("=", 1)
+        options[key.strip()] = parse_value(value)
+    if base == "auto":
+        if options:
+            raise UserError("--option needs one --base solver; --base auto tries its own "
+                            "candidates")
+        if args.method == "nelder_mead":
+            raise UserError("--base auto fits by gradient: use --method lbfgs or adam")
+        return {"method": args.method or "lbfgs"}
+    info = get_solver(base)
+    try:
+        info.steps_for_nfe(args.nfe, options)  # clear errors for an impossible NFE / option
+        B._solver_options(info.name, options)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    method = args.method or ("lbfgs" if info.name in B.GRID_SOLVERS else "nelder_mead")
+    return {"method": method, "options": options or None}

@@ -5,10 +5,12 @@ probability-flow ODE (:func:`reference_solve`), by default on the **plain endpoi
 ``sqrt(mean_b ||x_solver(noise_b) - x_ref(noise_b)||^2)``:
 
 - :func:`fit_grid` / :func:`optimize_grid` -- only the time grid of an existing registered
-  solver is optimised (monotone parameterisation: softmax of the increments), by Adam through a
-  differentiable twin of the solver (:func:`differentiable_solve`: ddim, euler, heun, midpoint,
-  dpmpp_2m, unipc; default unipc), early-stopped on held-out validation noises; or
-  derivative-free (``method="nelder_mead"``) for any deterministic registered solver.
+  solver (with its options) is optimised (monotone parameterisation: softmax of the
+  increments), by L-BFGS (or Adam) through a differentiable twin of the solver
+  (:func:`differentiable_solve`: ddim, deis, dpmpp_2m, dpmpp_3m, euler, heun, ipndm, midpoint,
+  unipc, unipc_p), judged on held-out validation noises; ``solver="auto"`` (default) fits the
+  bases of :data:`AUTO_GRID_SOLVERS` and keeps the best; or derivative-free
+  (``method="nelder_mead"``) for any deterministic registered solver.
 - :class:`BespokeSolver` -- Shaul et al. 2023, "Bespoke Solvers for Generative Flow Models"
   (ICLR 2024): a scale-time transformation of the base RK1 (Euler) / RK2 (midpoint) solver.
 - :class:`BNSSolver` -- Shaul et al. 2024, "Bespoke Non-Stationary Solvers for Fast Sampling of
@@ -69,6 +71,7 @@ __all__ = [
     "FittedGrid",
     "differentiable_solve",
     "GRID_SOLVERS",
+    "AUTO_GRID_SOLVERS",
     "BespokeSolver",
     "BoundTerms",
     "GroundTruthPath",
@@ -359,8 +362,8 @@ def load(path) -> _Fitted:
 # but not differentiable in the grid). A twin below runs the SAME update rules with every
 # coefficient a float64 tensor function of the grid times, evaluating the schedule and the model
 # at time tensors that carry gradients, so the endpoint RMSE can be differentiated with respect
-# to the grid. Each twin reproduces its registered solver (default options) to float64 rounding
-# (tests/test_bespoke.py checks 1e-10). Branches that depend on the grid (singular steps at an
+# to the grid. Each twin reproduces its registered solver (any options) to float64 rounding
+# (tests/test_grid_fit.py checks 1e-10). Branches that depend on the grid (singular steps at an
 # infinite log-SNR, warm-up orders) are decided from the current float values, as the
 # registered solver does.
 
@@ -433,43 +436,80 @@ def _twin_midpoint(den, x, tm: _Times, cond):
     return x
 
 
-def _twin_dpmpp_2m(den, x, tm: _Times, cond):
-    """DPM-Solver++(2M), as :func:`tiltflow.solvers.dpm.dpmpp_2m` (lower_order_final=True)."""
+def _twin_dpmpp(den, x, tm: _Times, cond, *, order: int = 2, lower_order_final: bool = True):
+    """DPM-Solver++(2M) / (3M), as :func:`tiltflow.solvers.dpm.dpmpp_2m` / ``dpmpp_3m``
+    (Lu et al. 2022b): ``x' = (sigma_t/sigma_s) x - alpha_t (e^{-h} - 1) x_hat_s`` plus the
+    divided-difference terms of ``x_hat`` in lambda, in the registered solver's algebra."""
     from .dpm import LAMBDA_LIMIT, _singular
 
     lam_f = (0.5 * tm.schedule.logsnr(tm.grid.detach())).tolist()
     n = tm.n
     first_finite = next((i for i, v in enumerate(lam_f) if v >= -LAMBDA_LIMIT), n)
-    prev = None
+    hist: list[torch.Tensor] = []  # earlier data predictions, newest first
     for i in range(n):
         m = _predict_at(den, x, tm.t(i), cond).data
         a_s, s_s, a_t, s_t = tm.alpha[i], tm.sigma[i], tm.alpha[i + 1], tm.sigma[i + 1]
-        if _singular(lam_f[i], lam_f[i + 1]):
+        if _singular(lam_f[i], lam_f[i + 1]):  # DDIM limit (e^{-h} = 0)
             x_next = (s_t / s_s) * x + (a_t - s_t * a_s / s_s) * m
         else:
-            p = min(2, i - first_finite + 1, n - i if n < 15 else 2)
+            p = min(order, i - first_finite + 1)
+            if lower_order_final and n < 15:
+                p = min(p, n - i)
             h = tm.lam(i + 1) - tm.lam(i)
-            b = -a_t * torch.expm1(-h)
-            x_next = (s_t / s_s) * x
-            if p == 1:
-                x_next = x_next + b * m
-            else:
+            phi1 = torch.expm1(-h)
+            b = -a_t * phi1
+            x_next = (s_t / s_s) * x + b * m
+            if p == 2:
                 r0 = (tm.lam(i) - tm.lam(i - 1)) / h
-                x_next = x_next + b * (1 + 1 / (2 * r0)) * m - b / (2 * r0) * prev
-        prev = m
+                x_next = x_next + (b / (2 * r0)) * (m - hist[0])
+            elif p == 3:
+                r0, r1 = (tm.lam(i) - tm.lam(i - 1)) / h, (tm.lam(i - 1) - tm.lam(i - 2)) / h
+                phi2 = phi1 / h + 1
+                phi3 = phi2 / h - 0.5
+                d10, d11 = (m - hist[0]) / r0, (hist[0] - hist[1]) / r1
+                d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
+                d2 = (d10 - d11) / (r0 + r1)
+                x_next = x_next + a_t * phi2 * d1 - 2 * a_t * phi3 * d2
+        hist = [m, *hist][:2]
         x = x_next
     return x
 
 
-def _twin_unipc(den, x, tm: _Times, cond):
-    """UniPC-2 with B(h) = e^h - 1, as :func:`tiltflow.solvers.multistep.unipc` (order=2,
-    variant="bh2", lower_order_final=True)."""
-    from .multistep import _pure_noise
+def _unipc_weights(tm: _Times, i: int, p: int, variant: str):
+    """One UniPC step's tensors (Zhao et al. 2023, data prediction; as
+    :func:`tiltflow.solvers.multistep._unipc_step_plan`): ``c_x``, the weight ``base`` of the
+    newest output, ``-alpha_t B(h)``, the ratios ``r_k`` and the order-condition system
+    ``R a = g / B(h)`` as ``(R, g)``."""
+    a_t = tm.alpha[i + 1]
+    lam_s = tm.lam(i)
+    h = tm.lam(i + 1) - lam_s
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
+    rks = [(tm.lam(i - k) - lam_s) / h for k in range(1, p)] + [torch.ones((), dtype=_F64)]
+    gs, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
+    for j in range(p):
+        gs.append(h_phi_k * fact / b_h)
+        fact *= j + 2
+        h_phi_k = h_phi_k / hh - 1.0 / fact
+    R = torch.stack([torch.stack([r**j for r in rks]) for j in range(p)])
+    return tm.sigma[i + 1] / tm.sigma[i], -a_t * h_phi_1, -a_t * b_h, rks, R, torch.stack(gs)
 
-    order, n = 2, tm.n
+
+def _twin_unipc(den, x, tm: _Times, cond, *, order: int = 2, variant: str = "bh2",
+                lower_order_final: bool = True, use_corrector: bool = True):
+    """UniPC / UniP (``use_corrector=False``), as :func:`tiltflow.solvers.multistep.unipc` /
+    ``unipc_p``: order p = 1-3, ``variant`` bh1 (B(h) = h) or bh2 (B(h) = e^h - 1)."""
+    from .multistep import _check_order, _pure_noise
+
+    order = _check_order("unipc", order, 1, 3)
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unipc: variant must be 'bh1' or 'bh2', got {variant!r}")
+    n = tm.n
     noise_only = [_pure_noise(a, s) for a, s in zip(tm.alpha_f, tm.sigma_f, strict=True)]
+    half = torch.full((), 0.5, dtype=_F64)
     hist: list[torch.Tensor] = []
-    pending = None
+    pending = None  # the corrector's model output at the current x, reused by the next step
     for i in range(n):
         if pending is None:
             pending = _predict_at(den, x, tm.t(i), cond).data
@@ -479,10 +519,9 @@ def _twin_unipc(den, x, tm: _Times, cond):
         if tm.sigma_f[i + 1] == 0.0:  # step to sigma = 0: x' = alpha_t x_hat
             x = a_t * hist[0]
             continue
-        corrector = i < n - 1
+        corrector = use_corrector and i < n - 1
         if noise_only[i]:  # out of pure noise: bh2's limit (see _unipc_step_plan)
-            x_pred = (s_t / s_s) * x
-            x_pred = x_pred + a_t * hist[0]
+            x_pred = (s_t / s_s) * x + a_t * hist[0]
             if corrector:
                 pending = _predict_at(den, x_pred, tm.t(i + 1), cond).data
                 x = (s_t / s_s) * x + 0.5 * a_t * hist[0] + 0.5 * a_t * pending
@@ -492,80 +531,198 @@ def _twin_unipc(den, x, tm: _Times, cond):
         p = 1
         while p < min(order, i + 1) and not noise_only[i - p]:
             p += 1
-        if n < 10:
+        if lower_order_final and n < 10:
             p = min(p, n - i)
-        lam_s, lam_t = tm.lam(i), tm.lam(i + 1)
-        h = lam_t - lam_s
-        hh = -h
-        h_phi_1 = torch.expm1(hh)
-        c_x = s_t / s_s
-        base = -a_t * h_phi_1
-        b_h = h_phi_1
-        rks = [(tm.lam(i - k) - lam_s) / h for k in range(1, p)] + [torch.ones((), dtype=_F64)]
-        bs, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
-        for j in range(p):
-            bs.append(h_phi_k * fact / b_h)
-            fact *= j + 2
-            h_phi_k = h_phi_k / hh - 1.0 / fact
+        c_x, base, w, rks, R, g = _unipc_weights(tm, i, p, variant)
         x_pred = c_x * x + base * hist[0]
-        if p >= 2:  # UniP-2: rho = 1/2
-            w = -a_t * b_h * 0.5 / rks[0]
-            x_pred = x_pred + w * (hist[1] - hist[0])
+        if p >= 2:  # UniP-p: a = 1/2 for p = 2
+            rhos_p = [half] if p == 2 else list(torch.linalg.solve(R[:p - 1, :p - 1],
+                                                                   g[:p - 1]).unbind())
+            for k in range(1, p):
+                x_pred = x_pred + (w * rhos_p[k - 1] / rks[k - 1]) * (hist[k] - hist[0])
         if not corrector:
             x = x_pred
             continue
         pending = _predict_at(den, x_pred, tm.t(i + 1), cond).data
-        if p == 1:
-            rhos_c = [torch.full((), 0.5, dtype=_F64)]
-        else:
-            R = torch.stack([torch.stack([r**j for r in rks]) for j in range(p)])
-            rhos_c = list(torch.linalg.solve(R, torch.stack(bs)).unbind())
+        rhos_c = [half] if p == 1 else list(torch.linalg.solve(R, g).unbind())
         x_next = c_x * x + base * hist[0]
         for k in range(1, p):
-            x_next = x_next + (-a_t * b_h * rhos_c[k - 1] / rks[k - 1]) * (hist[k] - hist[0])
-        x = x_next + (-a_t * b_h * rhos_c[-1]) * (pending - hist[0])
+            x_next = x_next + (w * rhos_c[k - 1] / rks[k - 1]) * (hist[k] - hist[0])
+        x = x_next + (w * rhos_c[-1]) * (pending - hist[0])
     return x
 
 
+def _deis_quadrature():
+    """Gauss-Legendre nodes in theta of :func:`tiltflow.solvers.multistep._deis_plan`: the
+    weights ``w`` (``d tau = (t_s - t_t) w``) and ramps ``(1 - cos theta) / 2``."""
+    import numpy as np
+
+    from .multistep import _QUAD_NODES
+
+    nodes, weights = np.polynomial.legendre.leggauss(_QUAD_NODES)
+    theta = (nodes + 1) * (math.pi / 2)
+    w = weights * (math.pi / 2) * np.sin(theta) / 2
+    return torch.from_numpy(w), torch.from_numpy((1 - np.cos(theta)) / 2)
+
+
+def _numpy_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1-D tensor in numpy's pairwise order (8 running sums, combined as a tree), so the
+    twin's DEIS weights equal the registered solver's to the last bit: on clustered grids its
+    Lagrange extrapolation amplifies rounding differences a million-fold."""
+    n = v.shape[0]
+    if n < 8:
+        return v.sum()
+    m = n - n % 8
+    r = v[:m].reshape(-1, 8).unbind(0)
+    acc = list(r[0].unbind())
+    for row in r[1:]:
+        acc = [a + b for a, b in zip(acc, row.unbind(), strict=True)]
+    out = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    for k in range(m, n):
+        out = out + v[k]
+    return out
+
+
+def _twin_deis(den, x, tm: _Times, cond, *, order: int = 3, lower_order_final: bool = False):
+    """DEIS tAB (Zhang & Chen 2023, eq. 14), as :func:`tiltflow.solvers.multistep.deis`:
+    ``x' = alpha_t x_hat + sigma_t eps + sum_j D_j eps_{i-j}``, the ``D_j`` the exponential
+    integrator's Lagrange weights by the same quadrature, here on time tensors."""
+    from .multistep import _check_order
+
+    order = _check_order("deis", order, 1, 4)
+    w_theta, ramp = _deis_quadrature()
+    n = tm.n
+    ts = [tm.t(i) for i in range(n + 1)]
+    eps_hist: list[torch.Tensor] = []
+    for i in range(n):
+        pred = _predict_at(den, x, ts[i], cond)
+        eps_hist = [pred.noise, *eps_hist][:order]
+        p = min(order, i + 1)
+        if lower_order_final and n < 10:
+            p = min(p, n - i)
+        coefs = [torch.zeros((), dtype=_F64)]
+        if p > 1:  # p = 1 is DDIM (also the step out of alpha = 0)
+            tau = ts[i + 1] + (ts[i] - ts[i + 1]) * ramp
+            c = tm.schedule(tau)
+            a, s, da, ds = (v.to(_F64) for v in (c.alpha, c.sigma, c.d_alpha, c.d_sigma))
+            drho = (a * ds - s * da) / (a * a)  # d(sigma/alpha)/dtau at the nodes
+            pts = ts[i - p + 1:i + 1][::-1]
+            coefs = []
+            for j in range(p):
+                lag = torch.ones_like(tau)
+                for k in range(p):
+                    if k != j:
+                        lag = lag * ((tau - pts[k]) / (pts[j] - pts[k]))
+                basis = lag - (1.0 if j == 0 else 0.0)
+                integral = -(ts[i] - ts[i + 1]) * _numpy_sum(w_theta * drho * basis)
+                coefs.append(tm.alpha[i + 1] * integral)
+        # the registered solver's grouping: alpha_t x_hat + (sigma_t + D_0) eps + older terms
+        x_next = tm.alpha[i + 1] * pred.data + (tm.sigma[i + 1] + coefs[0]) * pred.noise
+        for cj, eps in zip(coefs[1:], eps_hist[1:], strict=False):
+            x_next = x_next + cj * eps
+        x = x_next
+    return x
+
+
+def _twin_ipndm(den, x, tm: _Times, cond, *, order: int = 4):
+    """iPNDM (Zhang & Chen 2023, appendix), as :func:`tiltflow.solvers.multistep.ipndm`:
+    equal-step Adams-Bashforth weights on ``d(x/alpha) = eps d(sigma/alpha)``."""
+    from .multistep import _AB, _check_order
+
+    order = _check_order("ipndm", order, 1, 4)
+    eps_hist: list[torch.Tensor] = []
+    for i in range(tm.n):
+        pred = _predict_at(den, x, tm.t(i), cond)
+        eps_hist = [pred.noise, *eps_hist][:order]
+        p = min(order, i + 1)
+        x_next = tm.alpha[i + 1] * pred.data + tm.sigma[i + 1] * pred.noise
+        if p > 1:
+            d_rho = tm.sigma[i + 1] / tm.alpha[i + 1] - tm.sigma[i] / tm.alpha[i]
+            for j, w in enumerate(_AB[p - 1]):
+                x_next = x_next + (tm.alpha[i + 1] * d_rho * (w - (j == 0))) * eps_hist[j]
+        x = x_next
+    return x
+
+
+def _twin_dpmpp_2m(den, x, tm: _Times, cond, **options):
+    return _twin_dpmpp(den, x, tm, cond, order=2, **options)
+
+
+def _twin_dpmpp_3m(den, x, tm: _Times, cond, **options):
+    return _twin_dpmpp(den, x, tm, cond, order=3, **options)
+
+
+def _twin_unipc_p(den, x, tm: _Times, cond, **options):
+    return _twin_unipc(den, x, tm, cond, use_corrector=False, **options)
+
+
 _TWINS = {"euler": _twin_euler, "ddim": _twin_ddim, "heun": _twin_heun,
-          "midpoint": _twin_midpoint, "dpmpp_2m": _twin_dpmpp_2m, "unipc": _twin_unipc}
+          "midpoint": _twin_midpoint, "dpmpp_2m": _twin_dpmpp_2m, "dpmpp_3m": _twin_dpmpp_3m,
+          "unipc": _twin_unipc, "unipc_p": _twin_unipc_p, "deis": _twin_deis,
+          "ipndm": _twin_ipndm}
+
+
+def _solver_options(solver: str, options: dict | None) -> dict:
+    """``options`` checked against the registered solver's keyword options."""
+    from . import _check_options
+
+    return _check_options(get_solver(solver), options)
 
 
 def differentiable_solve(denoiser, x_init: torch.Tensor, grid: torch.Tensor,
-                         solver: str = "ddim", *, cond=None) -> torch.Tensor:
-    """Run ``solver`` (one of ``ddim, euler, heun, midpoint, dpmpp_2m, unipc``, with their
-    default options) on ``grid`` differentiably in the grid times: the same result as
-    ``tiltflow.solvers.solve(denoiser, x_init, grid, solver)`` (to float64 rounding), and
-    gradients flow to the interior grid times (the end points are held fixed)."""
+                         solver: str = "ddim", *, cond=None, options: dict | None = None
+                         ) -> torch.Tensor:
+    """Run ``solver`` (one of :data:`GRID_SOLVERS`: ddim, deis, dpmpp_2m, dpmpp_3m, euler,
+    heun, ipndm, midpoint, unipc, unipc_p) with its keyword ``options`` (e.g. ``{"order": 3,
+    "variant": "bh1"}`` for unipc) on ``grid`` differentiably in the grid times: the same
+    result as ``tiltflow.solvers.solve(denoiser, x_init, grid, solver, options=options)`` (to
+    float64 rounding), and gradients flow to the interior grid times (the end points are held
+    fixed)."""
+    from .registry import ALIASES
+
+    solver = ALIASES.get(solver, solver)
     if solver not in _TWINS:
         raise ValueError(f"no differentiable version of solver {solver!r}; use one of "
                          f"{sorted(_TWINS)} or method='nelder_mead'")
+    options = _solver_options(solver, options)
     grid = grid.to(_F64)
     if grid.dim() != 1 or len(grid) < 2:
         raise ValueError("grid must be a 1-D tensor of at least 2 times")
-    return _TWINS[solver](denoiser, x_init, _Times(denoiser.schedule, grid), cond)
+    return _TWINS[solver](denoiser, x_init, _Times(denoiser.schedule, grid), cond, **options)
 
 
 # -- optimized grid ---------------------------------------------------------------------------
 
 class FittedGrid(_Fitted):
-    """A registered solver on an optimised time grid (see :func:`fit_grid`)."""
+    """A registered solver, with its keyword ``options``, on an optimised time grid (see
+    :func:`fit_grid`). The options travel with the grid: they are saved in the file's fit
+    record (``fit["solver_options"]``) and read back from it when ``options`` is not given."""
 
     kind = "grid"
 
-    def __init__(self, grid, **kw):
+    def __init__(self, grid, *, options: dict | None = None, **kw):
         super().__init__(**kw)
+        if options is None:  # a loaded file keeps them in its fit record
+            options = self.fit_info.get("solver_options") or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"options must be a dict of solver options, got {options!r}")
+        self.options = _solver_options(self.base, options)
+        self.fit_info["solver_options"] = dict(self.options)
         grid = torch.as_tensor(grid, dtype=_F64).detach().flatten().clone()
         if grid.numel() < 2 or not bool((grid[1:] < grid[:-1]).all()) or \
                 float(grid[0]) > 1 or float(grid[-1]) != 0.0:
             raise ValueError("grid must be strictly decreasing in [0, 1] and end at 0")
-        info = get_solver(self.base)
-        if info.nfe(grid.numel() - 1) != self.nfe:
-            raise ValueError(f"a grid of {grid.numel() - 1} steps costs "
-                             f"{info.nfe(grid.numel() - 1)} evaluations with {self.base!r}, "
-                             f"not {self.nfe}")
+        cost = get_solver(self.base).nfe(grid.numel() - 1, options=self.options)
+        if cost != self.nfe:
+            raise ValueError(f"a grid of {grid.numel() - 1} steps costs {cost} evaluations "
+                             f"with {self.base!r}, not {self.nfe}")
         self.grid = grid
         self.t_start = float(grid[0])
+
+    def __repr__(self) -> str:
+        opts = f", options={self.options}" if self.options else ""
+        return (f"FittedGrid(nfe={self.nfe}, base={self.base!r}{opts}, "
+                f"schedule={self.schedule!r})")
 
     def _tensors(self):
         return {"grid": self.grid}
@@ -580,7 +737,7 @@ class FittedGrid(_Fitted):
 
         self.check_denoiser(denoiser)
         return run_solver(denoiser, x_init, self.grid, self.base, cond=cond, guidance=guidance,
-                          generator=generator, record=record)
+                          generator=generator, record=record, options=self.options)
 
 
 def _grid_from_logits(theta: torch.Tensor, t_start: float) -> torch.Tensor:
@@ -599,112 +756,277 @@ def _grid_from_theta(theta: torch.Tensor, t_start: float) -> torch.Tensor:
 
 GRID_SOLVERS = tuple(sorted(_TWINS))
 
+#: The bases ``fit_grid(solver="auto")`` tries, as (registered solver, its options): the best
+#: optimised-grid bases of 20 registered solver / option pairs on the 2-D test beds
+#: (anisotropic_2d under rectified flow and discrete VP, held-out endpoint RMSE at NFE 4-10).
+#: UniPC with B(h) = h (Zhao et al. 2023's advice for few unguided steps) wins at NFE 4 and 10,
+#: its order-3 form without ``lower_order_final`` at VP NFE 6, iPNDM (order 4) and DEIS-4, whose
+#: last step to t = 0 keeps its order, at NFE 8. Which one wins depends on the model and NFE,
+#: so ``auto`` fits each and keeps the best on the validation noises.
+AUTO_GRID_SOLVERS = (
+    ("unipc", {"variant": "bh1"}),
+    ("unipc", {"order": 3, "variant": "bh1", "lower_order_final": False}),
+    ("ipndm", {}),
+    ("deis", {"order": 4}),
+)
 
-def fit_grid(denoiser, nfe: int, solver: str = "unipc", *, noises: torch.Tensor,
-             reference: torch.Tensor | None = None, init: str | torch.Tensor | list = "auto",
-             steps: int | None = None, method: str = "adam", lr: float = 0.02,
-             batch_size: int | None = 256, val_fraction: float = 0.25, patience: int = 30,
-             seed: int = 0, cond=None, model: dict | None = None,
-             progress: bool = False) -> FittedGrid:
-    """The "optimized grid" of issue 3: only the time steps of the registered ``solver`` are
-    optimised for ``denoiser`` at exactly ``nfe`` evaluations (the learned-timestep baseline of
-    Shaul et al. 2023, sec. 4, and 2024, sec. 5; cf. Sabour et al. 2024, "Align Your Steps",
-    and Watson et al. 2021, "Learning to Efficiently Sample from Diffusion Probabilistic Models",
-    for optimised step schedules).
+_GRID_METHODS = ("lbfgs", "adam", "nelder_mead")
 
-    The grid from t = 1 to t = 0 is ``1 - cumsum(softmax(theta))`` (strictly decreasing, exact
-    end points); ``theta`` minimises the endpoint RMSE to ``reference`` (default
-    :func:`reference_solve`) on ``noises``.
 
-    ``method="adam"`` (default): gradient descent through a differentiable re-implementation of
-    the solver (:func:`differentiable_solve`; ``solver`` in :data:`GRID_SOLVERS`, default
-    options). ``noises`` are split (seeded) into a training part and a validation part of
-    ``val_fraction``; Adam (``lr``, cosine decay, minibatches of ``batch_size``) runs at most
-    ``steps`` iterations (default 800) on the training part; every 10 iterations the
-    validation RMSE of the registered solver on the current grid is measured, the best grid by
-    it is kept (the start grid included, so the result is never worse than the start on the
-    validation noises), and fitting stops after ``patience`` checks without improvement.
+class _GridProblem:
+    """What every grid fit shares: the start states, reference endpoints, condition and the
+    seeded train / validation split of the noises."""
 
-    ``method="nelder_mead"``: derivative-free Nelder-Mead over ``theta`` with at most
-    ``steps`` (default 1500) solver runs on all ``noises``; works with every deterministic
-    registered solver and with non-differentiable models, but overfits and converges poorly
-    (see benchmarks/results/bespoke.md).
+    def __init__(self, denoiser, x_init, ref, cond, val_fraction: float, seed: int, split: bool):
+        self.denoiser, self.x_init, self.ref, self.cond = denoiser, x_init, ref, cond
+        pool = ref.shape[0]
+        self.val = None
+        self.train = torch.arange(pool)
+        if split and pool >= 8 and val_fraction > 0:
+            perm = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
+            n_val = min(pool - 4, max(1, round(pool * val_fraction)))
+            self.val, self.train = perm[:n_val], perm[n_val:]
 
-    ``init``: a grid name, "auto" (the best of uniform / logsnr / karras / shifted on the
-    training noises), or a grid tensor of the right length from 1 to 0.
-    """
-    from . import grids as grids_mod
-    from . import solve as run_solver
+    @property
+    def check(self) -> torch.Tensor:
+        """The noises that judge a grid: validation when there is a split, else training."""
+        return self.val if self.val is not None else self.train
 
-    if method not in ("adam", "nelder_mead"):
-        raise ValueError(f"method must be 'adam' or 'nelder_mead', got {method!r}")
-    info = get_solver(solver)
-    if info.stochastic:
-        raise ValueError(f"{solver!r} is stochastic; optimise the grid of a deterministic solver")
-    if method == "adam" and solver not in _TWINS:
-        raise ValueError(f"method='adam' needs a differentiable solver, one of "
-                         f"{list(GRID_SOLVERS)}; got {solver!r} (or use method='nelder_mead')")
-    n = info.steps_for_nfe(int(nfe))
-    x_init, ref = _targets(denoiser, noises, reference, cond)
-    ref = ref.to(_F64)
-    t0 = time.perf_counter()
-    pool = ref.shape[0]
-    if method == "adam" and pool >= 8 and val_fraction > 0:
-        perm = torch.randperm(pool, generator=torch.Generator().manual_seed(seed))
-        n_val = min(pool - 4, max(1, round(pool * val_fraction)))
-        val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    else:
-        val_idx, tr_idx = None, torch.arange(pool)
+    def rmse(self, grid, solver: str, options: dict, idx=None) -> float:
+        """Endpoint RMSE of the REGISTERED solver on ``grid`` (1e30 where it fails)."""
+        from . import solve as run_solver
 
-    def loss_of(grid, idx=None) -> float:
-        x0, c, r = (x_init, cond, ref) if idx is None else (x_init[idx], _take(cond, idx),
-                                                            ref[idx])
-        with torch.no_grad():
-            x = run_solver(denoiser, x0, grid, solver, cond=c)
-        v = float(endpoint_rmse(x.to(_F64), r))
+        idx = self.train if idx is None else idx
+        try:
+            with torch.no_grad():
+                x = run_solver(self.denoiser, self.x_init[idx], grid, solver,
+                               cond=_take(self.cond, idx), options=options)
+        except (RuntimeError, ValueError, ArithmeticError):  # e.g. a singular order system
+            return 1e30
+        v = float(endpoint_rmse(x.to(_F64), self.ref[idx]))
         return v if math.isfinite(v) else 1e30
 
+    def loss(self, theta, solver: str, options: dict, idx) -> torch.Tensor | None:
+        """Differentiable endpoint RMSE through the twin (``None`` where the solve fails)."""
+        try:
+            x = differentiable_solve(self.denoiser, self.x_init[idx], _grid_from_theta(theta, 1.0),
+                                     solver, cond=_take(self.cond, idx), options=options)
+        except (RuntimeError, ValueError, ArithmeticError):
+            return None
+        loss = endpoint_rmse(x.to(_F64), self.ref[idx])
+        return loss if torch.isfinite(loss) else None
+
+
+def _theta_of(grid: torch.Tensor) -> torch.Tensor:
+    inc = (grid[:-1] - grid[1:]).clamp_min(1e-12)
+    return torch.log(inc / inc.sum())
+
+
+def _grid_candidates(solver: str, options: dict | None, method: str, nfe: int):
+    """``[(solver, options, steps)]`` to fit, with clear errors for impossible requests."""
+    if solver == "auto":
+        if options:
+            raise ValueError("options go with one solver; solver='auto' tries its own "
+                             f"candidates {list(AUTO_GRID_SOLVERS)}")
+        if method == "nelder_mead":
+            raise ValueError("solver='auto' fits by gradient; use method='lbfgs' or 'adam'")
+        pairs = list(AUTO_GRID_SOLVERS)
+    else:
+        pairs = [(solver, options or {})]
+    out = []
+    for name, opts in pairs:
+        info = get_solver(name)
+        name = info.name
+        if info.stochastic:
+            raise ValueError(f"{name!r} is stochastic; optimise the grid of a deterministic "
+                             "solver")
+        if info.adaptive:
+            raise ValueError(f"{name!r} is adaptive: it has no fixed grid to optimise")
+        if method != "nelder_mead" and name not in _TWINS:
+            raise ValueError(f"method={method!r} needs a differentiable solver, one of "
+                             f"{list(GRID_SOLVERS)}; got {name!r} (or use method='nelder_mead')")
+        opts = _solver_options(name, opts)
+        out.append((name, opts, info.steps_for_nfe(int(nfe), opts)))
+    return out
+
+
+def _grid_starts(prob: _GridProblem, solver, options, n, init, restarts, schedule):
+    """The start grids ``[(name, grid, training RMSE)]``, best first: the given grid, one named
+    grid, or (``init="auto"``) the ``restarts`` best of the named grids."""
+    from . import grids as grids_mod
+
     if isinstance(init, str):
+        if init != "auto" and init not in grids_mod.available():
+            raise ValueError(f"init must be 'auto', a grid tensor or one of "
+                             f"{grids_mod.available()}, got {init!r}")
         names = grids_mod.available() if init == "auto" else [init]
-        cands = [(name, grids_mod.get_grid(name, n, denoiser.schedule)) for name in names]
+        cands = [(name, grids_mod.get_grid(name, n, schedule)) for name in names]
     else:
         cands = [("given", torch.as_tensor(init, dtype=_F64).flatten())]
     cands = [(k, g) for k, g in cands if len(g) == n + 1 and float(g[0]) == 1.0
              and float(g[-1]) == 0.0 and bool((g[1:] < g[:-1]).all())]
     if not cands:
-        raise ValueError(f"init must give a strictly decreasing grid of {n} steps from t=1 to 0")
-    init_name, start = min(cands, key=lambda kg: loss_of(kg[1], tr_idx))
-    inc = (start[:-1] - start[1:]).clamp_min(1e-12)
-    theta0 = torch.log(inc / inc.sum())
-    fit = {"loss": "endpoint_rmse", "num_noises": int(pool), "init": init_name,
-           "init_rmse": loss_of(start)}
-    if n == 1:
-        grid = start
-        fit.update(optimizer="none", train_rmse=fit["init_rmse"])
-    elif method == "adam":
-        grid, extra = _fit_grid_adam(denoiser, solver, x_init, ref, cond, theta0, tr_idx,
-                                     val_idx, loss_of, steps=800 if steps is None else steps,
-                                     lr=lr, batch_size=batch_size, patience=patience,
-                                     seed=seed, desc=f"grid {solver} nfe={nfe}",
-                                     progress=progress)
-        fit.update(extra)
-    else:
-        grid, extra = _fit_grid_nelder_mead(theta0, loss_of, 1500 if steps is None else steps,
-                                            desc=f"grid {solver} nfe={nfe}", progress=progress)
-        fit.update(extra)
-    fit["seconds"] = round(time.perf_counter() - t0, 3)
-    return FittedGrid(grid, nfe=int(nfe), base=solver, schedule=denoiser.schedule, model=model,
-                      fit=fit)
+        raise ValueError(f"init must give a strictly decreasing grid of {n} steps from t=1 to 0 "
+                         f"for {solver!r}")
+    scored = sorted(((prob.rmse(g, solver, options), k, g) for k, g in cands),
+                    key=lambda s: s[0])
+    return [(k, g, v) for v, k, g in scored[:max(1, int(restarts))]]
 
 
-def _fit_grid_adam(denoiser, solver, x_init, ref, cond, theta0, tr_idx, val_idx, loss_of, *,
-                   steps, lr, batch_size, patience, seed, desc, progress):
+def fit_grid(denoiser, nfe: int, solver: str = "auto", *, noises: torch.Tensor,
+             reference: torch.Tensor | None = None, options: dict | None = None,
+             init: str | torch.Tensor | list = "auto", steps: int | None = None,
+             method: str = "lbfgs", restarts: int = 3, lr: float = 0.02,
+             batch_size: int | None = 256, val_fraction: float = 0.25, patience: int = 30,
+             seed: int = 0, cond=None, model: dict | None = None,
+             progress: bool = False) -> FittedGrid:
+    """The "optimized grid" of issue 3: only the time steps of a registered deterministic
+    solver are optimised for ``denoiser`` at exactly ``nfe`` evaluations -- no coefficient is
+    learned. It is the learned-timestep baseline of Shaul et al. 2023 (sec. 4) and 2024
+    (sec. 5), fitted like LD3 (Tong et al. 2024, "Learning to Discretize Denoising Diffusion
+    ODEs") by backpropagating the endpoint error to the time steps, here with the plain
+    endpoint RMSE to ``reference`` (default :func:`reference_solve`) on ``noises``. (LD3's
+    relaxed "soft teacher" loss trades endpoint error for sample quality, so it is not used;
+    cf. Sabour et al. 2024, "Align Your Steps", and Xue et al. 2024, "Accelerating Diffusion
+    Sampling with Optimized Time Steps", for model-agnostic surrogate objectives.)
+
+    The grid from t = 1 to 0 is ``1 - cumsum(softmax(theta))`` (strictly decreasing, exact end
+    points). ``noises`` are split (seeded) into a training part and a validation part of
+    ``val_fraction``; the validation RMSE of the registered solver picks the result, the start
+    grids included, so the result is never worse on the validation noises than any start.
+
+    Args:
+        solver: a registered solver name (with keyword ``options``, e.g. ``"unipc",
+            options={"variant": "bh1"}``), or ``"auto"`` (default): fit every base in
+            :data:`AUTO_GRID_SOLVERS` and keep the best on the validation noises (the result's
+            ``base`` and ``options`` say which; ``fit_info["candidates"]`` lists them all).
+        method: ``"lbfgs"`` (default): full-batch L-BFGS with a strong-Wolfe line search on
+            the training noises through the solver's differentiable twin
+            (:func:`differentiable_solve`), run to convergence or ``steps`` (default 100)
+            iterations (a few seconds per start on the 2-D beds: the grid has only nfe - 1
+            free numbers, and it matched 100+ random restarts of Nelder-Mead there).
+            ``"adam"``: Adam (``lr``, cosine decay, minibatches of ``batch_size``, at most
+            ``steps``, default 800, iterations; validation checked every 10, stop after
+            ``patience`` checks without improvement). ``"nelder_mead"``: derivative-free, for
+            any deterministic registered solver and non-differentiable models (``steps``
+            solver runs, default 1500).
+        restarts: with ``init="auto"``, how many of the best named start grids are fitted.
+        init: a grid name, ``"auto"`` (the ``restarts`` best of uniform / logsnr / karras /
+            shifted on the training noises, each fitted), or a grid tensor from 1 to 0.
+    """
+    if method not in _GRID_METHODS:
+        raise ValueError(f"method must be one of {list(_GRID_METHODS)}, got {method!r}")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be a positive int, got {restarts!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps < 1):
+        raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+    cands = _grid_candidates(solver, options, method, nfe)
+    x_init, ref = _targets(denoiser, noises, reference, cond)
+    prob = _GridProblem(denoiser, x_init, ref.to(_F64), cond, val_fraction, seed, split=True)
+    t0 = time.perf_counter()
+    fits = [_fit_base(prob, name, opts, n, nfe=int(nfe), init=init, restarts=restarts,
+                      method=method, steps=steps, lr=lr, batch_size=batch_size,
+                      patience=patience, seed=seed, progress=progress)
+            for name, opts, n in cands]
+    grid, fit = min(fits, key=lambda gf: gf[1]["check_rmse"])
+    if solver == "auto":
+        fit["candidates"] = [{"solver": f["solver"], "options": f["solver_options"],
+                              "val_rmse": f["check_rmse"], "seconds": f["seconds"]}
+                             for _, f in fits]
+    fit.update(loss="endpoint_rmse", num_noises=int(ref.shape[0]),
+               seconds=round(time.perf_counter() - t0, 3))
+    return FittedGrid(grid, options=fit["solver_options"], nfe=int(nfe), base=fit["solver"],
+                      schedule=denoiser.schedule, model=model, fit=fit)
+
+
+def _fit_base(prob: _GridProblem, solver, options, n, *, nfe, init, restarts, method, steps,
+              lr, batch_size, patience, seed, progress):
+    """Fit one base solver's grid from each start; returns ``(grid, fit_info)`` of the best on
+    the validation noises (a start grid itself when nothing beat it)."""
+    t0 = time.perf_counter()
+    starts = _grid_starts(prob, solver, options, n, init, restarts, prob.denoiser.schedule)
+    desc = f"grid {solver} nfe={nfe}"
+    best = None
+    init_check = None  # the best training start's RMSE on the judging noises
+    for name, start, _ in starts:
+        start_check = prob.rmse(start, solver, options, prob.check)
+        init_check = start_check if init_check is None else init_check
+        extra = {"optimizer": "none"}
+        grid, check = start, start_check
+        if n > 1:
+            theta0 = _theta_of(start)
+            if method == "lbfgs":
+                grid, extra = _fit_grid_lbfgs(prob, solver, options, theta0, steps=steps or 100,
+                                              desc=desc, progress=progress)
+            elif method == "adam":
+                grid, extra = _fit_grid_adam(prob, solver, options, theta0, steps=steps or 800,
+                                             lr=lr, batch_size=batch_size, patience=patience,
+                                             seed=seed, desc=desc, progress=progress)
+            else:
+                grid, extra = _fit_grid_nelder_mead(prob, solver, options, theta0,
+                                                    steps or 1500, desc=desc,
+                                                    progress=progress)
+            check = prob.rmse(grid, solver, options, prob.check)
+            if not check < start_check:  # keep the start where fitting did not help
+                grid, check = start, start_check
+        if best is None or check < best[1]:
+            best = (grid, check, name, extra)
+    grid, check, name, extra = best
+    fit = {"solver": solver, "solver_options": dict(options), "init": starts[0][0],
+           "init_rmse": starts[0][2], "init_check_rmse": init_check, "start": name, **extra,
+           "train_rmse": prob.rmse(grid, solver, options),
+           "num_train": len(prob.train), "num_val": 0 if prob.val is None else len(prob.val),
+           "val_rmse": check if prob.val is not None else None, "check_rmse": check,
+           "restarts": len(starts), "seconds": round(time.perf_counter() - t0, 3)}
+    return grid, fit
+
+
+def _fit_grid_lbfgs(prob: _GridProblem, solver, options, theta0, *, steps, desc, progress):
+    """Full-batch L-BFGS (Liu & Nocedal 1989; strong-Wolfe line search) on the training noises
+    for at most ``steps`` iterations, run to convergence: the validation noises judge only the
+    result (the per-sample errors are heavy-tailed -- a few noises near a mode boundary carry
+    most of the squared error -- so choosing among many iterates by a small validation set
+    mostly fits its noise)."""
+    theta = theta0.clone().requires_grad_()
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=int(steps), history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-9,
+                            tolerance_change=1e-12)
+    bar = _progress(steps, desc, progress)
+    evals = [0, math.inf]
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        evals[0] += 1
+        loss = prob.loss(theta, solver, options, prob.train)
+        if loss is None:  # a failed solve: a huge loss makes the line search back off
+            theta.grad = torch.zeros_like(theta)
+            return torch.tensor(1e30, dtype=_F64)
+        loss.backward()
+        torch.nan_to_num_(theta.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        evals[1] = min(evals[1], float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(train_rmse=f"{evals[1]:.4g}")
+        return loss.detach()
+
+    opt.step(closure)
+    if bar is not None:
+        bar.close()
+    return _grid_from_theta(theta.detach(), 1.0), {
+        "optimizer": "lbfgs", "solver_twin": solver,
+        "iterations": int(opt.state[theta].get("n_iter", 0)), "function_evals": evals[0],
+        "max_iterations": int(steps)}
+
+
+def _fit_grid_adam(prob: _GridProblem, solver, options, theta0, *, steps, lr, batch_size,
+                   patience, seed, desc, progress):
     theta = theta0.clone().requires_grad_()
     opt = torch.optim.Adam([theta], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=lr / 20)
     gen = torch.Generator().manual_seed(seed + 1)
-    check_idx = val_idx if val_idx is not None else tr_idx
-    best = loss_of(_grid_from_theta(theta0, 1.0), check_idx)
+    tr_idx = prob.train
+    best = prob.rmse(_grid_from_theta(theta0, 1.0), solver, options, prob.check)
     best_theta, bad, it = theta0.clone(), 0, 0
     bar = _progress(steps, desc, progress)
     for it in range(1, steps + 1):
@@ -712,17 +1034,14 @@ def _fit_grid_adam(denoiser, solver, x_init, ref, cond, theta0, tr_idx, val_idx,
         if batch_size is not None and batch_size < len(tr_idx):
             idx = tr_idx[torch.randperm(len(tr_idx), generator=gen)[:batch_size]]
         opt.zero_grad(set_to_none=True)
-        x = differentiable_solve(denoiser, x_init[idx], _grid_from_theta(theta, 1.0), solver,
-                                 cond=_take(cond, idx))
-        loss = endpoint_rmse(x.to(_F64), ref[idx])
-        if torch.isfinite(loss):
+        loss = prob.loss(theta, solver, options, idx)
+        if loss is not None:
             loss.backward()
             torch.nan_to_num_(theta.grad, nan=0.0, posinf=0.0, neginf=0.0)
             opt.step()
         sched.step()
         if it % 10 == 0 or it == steps:
-            with torch.no_grad():
-                v = loss_of(_grid_from_theta(theta, 1.0), check_idx)
+            v = prob.rmse(_grid_from_theta(theta.detach(), 1.0), solver, options, prob.check)
             if v < best * (1 - 1e-4):
                 best, best_theta, bad = v, theta.detach().clone(), 0
             else:
@@ -735,15 +1054,13 @@ def _fit_grid_adam(denoiser, solver, x_init, ref, cond, theta0, tr_idx, val_idx,
             bar.update(1)
     if bar is not None:
         bar.close()
-    grid = _grid_from_theta(best_theta, 1.0).detach()
-    return grid, {"optimizer": "adam", "solver_twin": solver, "iterations": it,
-                  "max_iterations": int(steps), "lr": lr, "batch_size": batch_size,
-                  "num_train": len(tr_idx), "num_val": 0 if val_idx is None else len(val_idx),
-                  "val_rmse": best if val_idx is not None else None,
-                  "train_rmse": loss_of(grid, tr_idx)}
+    return _grid_from_theta(best_theta, 1.0).detach(), {
+        "optimizer": "adam", "solver_twin": solver, "iterations": it,
+        "max_iterations": int(steps), "lr": lr, "batch_size": batch_size}
 
 
-def _fit_grid_nelder_mead(theta0, loss_of, steps, *, desc, progress):
+def _fit_grid_nelder_mead(prob: _GridProblem, solver, options, theta0, steps, *, desc,
+                          progress):
     from scipy.optimize import minimize
 
     bar = _progress(steps, desc, progress)
@@ -751,7 +1068,7 @@ def _fit_grid_nelder_mead(theta0, loss_of, steps, *, desc, progress):
 
     def objective(th):
         theta = torch.as_tensor(th, dtype=_F64)
-        v = loss_of(_grid_from_theta(theta, 1.0))
+        v = prob.rmse(_grid_from_theta(theta, 1.0), solver, options)
         if v < best[0]:
             best[0], best[1] = v, theta.clone()
         if bar is not None:
@@ -764,13 +1081,17 @@ def _fit_grid_nelder_mead(theta0, loss_of, steps, *, desc, progress):
     if bar is not None:
         bar.close()
     return _grid_from_theta(best[1], 1.0), {"optimizer": "nelder-mead",
-                                            "evaluations": int(steps), "train_rmse": best[0]}
+                                            "evaluations": int(steps)}
 
 
 def optimize_grid(denoiser, nfe: int, solver: str = "unipc", *, noises: torch.Tensor,
                   reference: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """:func:`fit_grid`'s float64 grid, usable as ``tiltflow.sample(den, noise, solver,
-    nfe=nfe, grid=grid)``."""
+    """:func:`fit_grid`'s float64 grid for one named ``solver``, usable as
+    ``tiltflow.sample(den, noise, solver, nfe=nfe, grid=grid)`` (pass the same ``options`` to
+    both). For ``solver="auto"`` use :func:`fit_grid`, whose result also says which solver."""
+    if solver == "auto":
+        raise ValueError("optimize_grid returns only the grid; with solver='auto' use fit_grid, "
+                         "whose FittedGrid also carries the chosen solver and options")
     return fit_grid(denoiser, nfe, solver, noises=noises, reference=reference, **kwargs).grid
 
 
