@@ -27,8 +27,9 @@ _spec = importlib.util.spec_from_file_location("tiltflow_bench_common", HERE / "
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-SOLVERS = ("euler", "heun", "ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ipndm",
-           "midpoint", "rk4", "dpmpp_2m_sde", "edm_sde")
+SOLVERS = ("euler", "heun", "ddim", "ddpm", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m",
+           "unipc", "unipc_p", "deis", "ipndm", "midpoint", "rk4", "rk4_38", "dpmpp_2m_sde",
+           "edm_sde", "euler_maruyama", "pc")
 
 
 def _nfe(name: str) -> int:
