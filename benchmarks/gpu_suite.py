@@ -29,7 +29,7 @@ _spec.loader.exec_module(bench)
 
 SOLVERS = ("euler", "heun", "ddim", "ddpm", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m",
            "unipc", "unipc_p", "deis", "ipndm", "midpoint", "rk4", "rk4_38", "dpmpp_2m_sde",
-           "edm_sde", "euler_maruyama", "pc")
+           "edm_sde")
 
 
 def _nfe(name: str) -> int:
