@@ -161,17 +161,6 @@ def test_bad_inputs_raise_clear_errors():
         B.ground_truth_path(den, noise, knots=0)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from tiltflow.cli import main
-
-    run_dir = tmp_path_factory.mktemp("run")
-    assert main(["train", "data=eight_gaussians", "data.n=256", "model.hidden=16",
-                 "model.depth=1", "train.steps=2", "train.batch_size=32", "train.ckpt_every=2",
-                 "train.warmup_steps=0", f"train.out_dir={run_dir}"]) == 0
-    return run_dir
-
-
 def test_cli_fit_solver_loss_bound(tiny_run, tmp_path, capsys):
     from tiltflow.cli import main
 

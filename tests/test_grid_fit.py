@@ -222,17 +222,6 @@ def test_optimize_grid_with_options_is_a_plain_grid(rf_bed):
     assert len(grid) == 5 and bool(torch.isfinite(x).all())
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from tiltflow.cli import main
-
-    run_dir = tmp_path_factory.mktemp("run")
-    assert main(["train", "data=eight_gaussians", "data.n=256", "model.hidden=16",
-                 "model.depth=1", "train.steps=2", "train.batch_size=32", "train.ckpt_every=2",
-                 "train.warmup_steps=0", f"train.out_dir={run_dir}"]) == 0
-    return run_dir
-
-
 def test_cli_fit_solver_grid(tiny_run, tmp_path, capsys):
     from tiltflow.cli import main
 

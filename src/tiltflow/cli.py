@@ -169,14 +169,9 @@ def _cmd_sample(args) -> int:
         raise UserError("--guidance needs a class-conditional model (or --negative RUN)")
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.num, *info["shape"]), generator=gen)
-    from .config import parse_value
+    from .config import parse_options
 
-    options = {}
-    for item in args.option:
-        if "=" not in item:
-            raise UserError(f"--option {item!r} is not KEY=VALUE (e.g. --option eta=0.5)")
-        key, value = item.split("=", 1)
-        options[key.strip()] = parse_value(value)
+    options = parse_options(args.option)
     if args.parallel:
         if options:
             raise UserError("--option is not supported with --parallel")

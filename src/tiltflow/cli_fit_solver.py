@@ -169,16 +169,11 @@ def run(args) -> int:
 
 def _grid_args(args, base: str) -> dict:
     """``fit_grid`` keywords from ``--option`` / ``--method``, checked before the model loads."""
-    from .config import parse_value
+    from .config import parse_options
     from .solvers import bespoke as B
     from .solvers import get as get_solver
 
-    options = {}
-    for item in args.option:
-        if "=" not in item:
-            raise UserError(f"--option {item!r} is not KEY=VALUE (e.g. --option variant=bh1)")
-        key, value = item.split("=", 1)
-        options[key.strip()] = parse_value(value)
+    options = parse_options(args.option, example="variant=bh1")
     if base == "auto":
         if options:
             raise UserError("--option needs one --base solver; --base auto tries its own "

@@ -187,6 +187,18 @@ def parse_value(text: str):
     return value
 
 
+def parse_options(items: Iterable[str], example: str = "eta=0.5") -> dict:
+    """Command-line ``KEY=VALUE`` items (``--option``) as a dict, each value parsed by
+    :func:`parse_value`; a malformed item is a one-line :class:`UserError`."""
+    options = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--option {item!r} is not KEY=VALUE (e.g. --option {example})")
+        key, value = item.split("=", 1)
+        options[key.strip()] = parse_value(value)
+    return options
+
+
 def _fix_numbers(obj):
     """PyYAML (YAML 1.1) reads ``1e-4`` as a string; turn such strings into floats."""
     if isinstance(obj, dict):
