@@ -168,3 +168,15 @@ def test_edm_preconditioning_skip_goes_to_one(name):
     Denoiser.from_fn(spy, sched, "data", precondition=True, sigma_data=sd)(x_t, t)
     assert torch.allclose(seen["t"], torch.log(s[:, 0]) / 4)
     assert torch.allclose(seen["x"], x_t / c.alpha[:, None] / torch.sqrt(s**2 + sd**2))
+
+
+def test_noise_side_maps_stay_finite_at_the_pure_noise_end():
+    """At alpha = 0 (rectified flow at t = 1) a score or noise prediction still defines the
+    noise and score kinds (only x_hat is undefined): the scalar fast path must give
+    ``noise = -sigma * score`` there, not 0 * inf = NaN."""
+    c = schedules.RectifiedFlow().scalars([1.0])[0]
+    assert float(c.alpha) == 0.0 and float(c.sigma) == 1.0
+    g = torch.Generator().manual_seed(3)
+    x_t, score = (torch.randn(4, 2, dtype=F64, generator=g) for _ in range(2))
+    torch.testing.assert_close(Prediction(score, "score", x_t, c).noise, -score, rtol=0, atol=0)
+    torch.testing.assert_close(Prediction(-score, "noise", x_t, c).score, score, rtol=0, atol=0)

@@ -119,7 +119,14 @@ def _map_arrays(src, dst, alpha, sigma, d_alpha, d_sigma):
         xr, er = to_hub(src, one, zero, c)  # hub pair per unit raw
         xx, ex = to_hub(src, zero, one, c)  # hub pair per unit x_t
         a, b = from_hub(dst, one, zero, c), from_hub(dst, zero, one, c)
-        return a * xr + b * er, a * xx + b * ex
+        return _times(a, xr) + _times(b, er), _times(a, xx) + _times(b, ex)
+
+
+def _times(w, v):
+    """``w * v`` with ``0 * v = 0`` also for infinite ``v``: a hub component that ``dst`` does not
+    use (weight 0) may be undefined, e.g. ``x_hat`` of a score at alpha = 0, and must not turn the
+    map into NaN (score -> noise there is ``-sigma * score``)."""
+    return np.where(w == 0, 0.0, w * v)
 
 
 def linear_maps(src: str, dsts, coeffs: list[Coeffs]) -> None:
