@@ -49,7 +49,7 @@ def add_parser(subparsers):
                         "path weighted by Lipschitz factors)")
     p.add_argument("--lipschitz", type=float, default=None,
                    help="with --loss bound: the velocity's Lipschitz constant L of the bound "
-                        "(default 1, the paper's)")
+                        "(default 1)")
     p.add_argument("--num-noises", type=int, default=256, help="training noises (default 256)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimiser iterations (default: bespoke 400, bns 600, grid: 100 for "
