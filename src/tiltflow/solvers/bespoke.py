@@ -130,33 +130,58 @@ def rk4_reference(denoiser, x_init: torch.Tensor, t_start: float = 1.0, t_end: f
     rho0, rho1 = float(rho_ends[0]), float(rho_ends[1])
     clean_end = float(sched(ends[1:]).sigma) == 0.0
     rho_stop = max(rho1, 1e-7) if clean_end else rho1
-    h = (rho_stop - rho0) / steps
+    h, stages = _rho_stages(sched, t_start, rho0, rho_stop, steps)
+    vel = _rf_velocity(denoiser, stages, x_init.shape[0], cond)
+    z = _rk4_in_rho(vel, x_init.to(_F64) / float(scale_ends[0]), h, steps)
+    if clean_end:
+        ts = stages[0]
+        x_t = z * float(_rf_coords(sched, torch.tensor([ts[-1]], dtype=_F64))[1])
+        z = denoiser(x_t, torch.full((z.shape[0],), ts[-1], dtype=_F64), cond).data.to(_F64)
+    return (z * float(scale_ends[1])).to(x_init.dtype)
+
+
+def _rho_stages(sched, t_start: float, rho0: float, rho_end: float, steps: int,
+                min_rho: float = 0.0):
+    """``h`` and the RK4 stage abscissae (start, midpoint, end of each of ``steps`` uniform
+    steps in rho from ``rho0`` to ``rho_end``, none below ``min_rho``) as consistent python-float
+    lists ``(ts, rhos, scales)`` after the inversion rho -> t."""
+    h = (rho_end - rho0) / steps
     stage_rho = torch.tensor([rho0 + h * (i + f) for i in range(steps) for f in (0.0, 0.5, 1.0)],
                              dtype=_F64)
+    if min_rho:
+        stage_rho = stage_rho.clamp_min(min_rho)
     stage_t = _t_from_rho(sched, stage_rho.clamp(1e-300, 1.0))
     stage_t[0] = t_start
     stage_rho, stage_scale = _rf_coords(sched, stage_t)  # consistent pairs after the inversion
-    ts, rhos, scales = stage_t.tolist(), stage_rho.tolist(), stage_scale.tolist()
-    dtype = x_init.dtype
-    z = x_init.to(_F64) / float(scale_ends[0])
+    return h, (stage_t.tolist(), stage_rho.tolist(), stage_scale.tolist())
 
-    def vel(z, k):  # dz/drho = eps_hat - x_hat = (z - x_hat) / rho, as z = (1-rho) x_hat + rho eps_hat
+
+def _rf_velocity(denoiser, stages, batch: int, cond):
+    """``vel(z, k)``: ``dz/drho = eps_hat - x_hat = (z - x_hat) / rho`` at stage ``k`` (as
+    ``z = (1 - rho) x_hat + rho eps_hat``), in float64."""
+    ts, rhos, scales = stages
+
+    def vel(z, k):
         x_t = z * scales[k]
-        x_hat = denoiser(x_t, torch.full((z.shape[0],), ts[k], dtype=_F64), cond).data.to(_F64)
+        x_hat = denoiser(x_t, torch.full((batch,), ts[k], dtype=_F64), cond).data.to(_F64)
         return (z - x_hat) / rhos[k]
 
+    return vel
+
+
+def _rk4_in_rho(vel, z, h: float, steps: int, every: int = 0, keep: list | None = None):
+    """Classical RK4 (Kutta 1901) on ``dz/drho = vel`` over the stages of :func:`_rho_stages`;
+    with ``keep``, appends ``(z, dz/drho)`` at the start of every ``every``-th step."""
     for i in range(steps):
         k = 3 * i
         k1 = vel(z, k)
+        if keep is not None and i % every == 0:
+            keep.append((z, k1))
         k2 = vel(z + 0.5 * h * k1, k + 1)
         k3 = vel(z + 0.5 * h * k2, k + 1)
         k4 = vel(z + h * k3, k + 2)
         z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    if clean_end:
-        x_t = z * float(_rf_coords(sched, torch.tensor([ts[-1]], dtype=_F64))[1])
-        z = denoiser(x_t, torch.full((z.shape[0],), ts[-1], dtype=_F64), cond).data.to(_F64)
-        return (z * float(scale_ends[1])).to(dtype)
-    return (z * float(scale_ends[1])).to(dtype)
+    return z
 
 
 def endpoint_rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -552,19 +577,6 @@ def _twin_unipc(den, x, tm: _Times, cond, *, order: int = 2, variant: str = "bh2
     return x
 
 
-def _deis_quadrature():
-    """Gauss-Legendre nodes in theta of :func:`tiltflow.solvers.multistep._deis_plan`: the
-    weights ``w`` (``d tau = (t_s - t_t) w``) and ramps ``(1 - cos theta) / 2``."""
-    import numpy as np
-
-    from .multistep import _QUAD_NODES
-
-    nodes, weights = np.polynomial.legendre.leggauss(_QUAD_NODES)
-    theta = (nodes + 1) * (math.pi / 2)
-    w = weights * (math.pi / 2) * np.sin(theta) / 2
-    return torch.from_numpy(w), torch.from_numpy((1 - np.cos(theta)) / 2)
-
-
 def _numpy_sum(v: torch.Tensor) -> torch.Tensor:
     """Sum of a 1-D tensor in numpy's pairwise order (8 running sums, combined as a tree), so the
     twin's DEIS weights equal the registered solver's to the last bit: on clustered grids its
@@ -587,10 +599,10 @@ def _twin_deis(den, x, tm: _Times, cond, *, order: int = 3, lower_order_final: b
     """DEIS tAB (Zhang & Chen 2023, eq. 14), as :func:`tiltflow.solvers.multistep.deis`:
     ``x' = alpha_t x_hat + sigma_t eps + sum_j D_j eps_{i-j}``, the ``D_j`` the exponential
     integrator's Lagrange weights by the same quadrature, here on time tensors."""
-    from .multistep import _check_order
+    from .multistep import _check_order, _deis_nodes
 
     order = _check_order("deis", order, 1, 4)
-    w_theta, ramp = _deis_quadrature()
+    w_theta, ramp = (torch.from_numpy(v) for v in _deis_nodes())
     n = tm.n
     ts = [tm.t(i) for i in range(n + 1)]
     eps_hist: list[torch.Tensor] = []
@@ -1586,38 +1598,15 @@ class GroundTruthPath:
         self.rho0, self.rho1 = float(rho_ends[0]), float(rho_ends[1])
         clean_end = float(sched(ends[1:]).sigma) == 0.0
         steps = self.knots * int(substeps)
-        h = (self.rho1 - self.rho0) / steps
-        # stage abscissae in rho (start, midpoint, end of every RK4 step), then consistent
-        # (t, rho, scale) triples after the inversion rho -> t
-        stage_rho = torch.tensor([self.rho0 + h * (i + f) for i in range(steps)
-                                  for f in (0.0, 0.5, 1.0)], dtype=_F64)
-        if clean_end:
-            stage_rho = stage_rho.clamp_min(_MIN_RHO)
-        stage_t = _t_from_rho(sched, stage_rho.clamp(1e-300, 1.0))
-        stage_t[0] = self.t_start
-        stage_rho, stage_scale = _rf_coords(sched, stage_t)
-        ts, rhos, scales = stage_t.tolist(), stage_rho.tolist(), stage_scale.tolist()
-        n = x_init.shape[0]
-
-        def vel(z, t, rho, scale):  # dz/drho = (z - x_hat) / rho
-            x_hat = denoiser(z * scale, torch.full((n,), t, dtype=_F64), cond).data.to(_F64)
-            return (z - x_hat) / rho
-
-        zs, dzs = [], []
+        h, stages = _rho_stages(sched, self.t_start, self.rho0, self.rho1, steps,
+                                _MIN_RHO if clean_end else 0.0)
+        vel = _rf_velocity(denoiser, stages, x_init.shape[0], cond)
+        kept: list = []
         with torch.no_grad():
-            z = x_init.to(_F64) / float(scale_ends[0])
-            for i in range(steps):
-                k = 3 * i
-                k1 = vel(z, ts[k], rhos[k], scales[k])
-                if i % substeps == 0:
-                    zs.append(z)
-                    dzs.append(k1)
-                k2 = vel(z + 0.5 * h * k1, ts[k + 1], rhos[k + 1], scales[k + 1])
-                k3 = vel(z + 0.5 * h * k2, ts[k + 1], rhos[k + 1], scales[k + 1])
-                k4 = vel(z + h * k3, ts[k + 2], rhos[k + 2], scales[k + 2])
-                z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            zs.append(z)
-            dzs.append(vel(z, ts[-1], rhos[-1], scales[-1]))
+            z = _rk4_in_rho(vel, x_init.to(_F64) / float(scale_ends[0]), h, steps,
+                            every=int(substeps), keep=kept)
+            kept.append((z, vel(z, 3 * steps - 1)))
+        zs, dzs = zip(*kept, strict=True)
         self.z = torch.stack(zs)  # [knots + 1, B, ...]
         self.dz = torch.stack(dzs) * ((self.rho1 - self.rho0) / self.knots)  # d z / d knot
         self.x_init = x_init.to(_F64)

@@ -286,6 +286,14 @@ def unipc_p(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
 _QUAD_NODES = 48
 
 
+def _deis_nodes() -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes in ``theta in (0, pi)`` of the DEIS integrals: weights ``w`` with
+    ``d tau = (t_s - t_t) w`` and ramps ``(1 - cos theta) / 2`` (``tau = t_t + (t_s - t_t) ramp``)."""
+    nodes, weights = np.polynomial.legendre.leggauss(_QUAD_NODES)
+    theta = (nodes + 1) * (math.pi / 2)
+    return weights * (math.pi / 2) * np.sin(theta) / 2, (1 - np.cos(theta)) / 2
+
+
 def _deis_plan(denoiser, grid, order, lower_order_final):
     """Per step the weights ``[D_0, D_1, ...]`` of
     ``x' = alpha_t x_hat_s + sigma_t eps_s + sum_j D_j eps_{i-j}``.
@@ -303,10 +311,7 @@ def _deis_plan(denoiser, grid, order, lower_order_final):
     alpha, sigma = _alpha_sigma(denoiser, g)
     times = g.tolist()
     steps = len(times) - 1
-    nodes, weights = np.polynomial.legendre.leggauss(_QUAD_NODES)
-    theta = (nodes + 1) * (math.pi / 2)  # in (0, pi)
-    w_theta = weights * (math.pi / 2) * np.sin(theta) / 2  # d tau = (t_s - t_t) * this
-    ramp = (1 - np.cos(theta)) / 2
+    w_theta, ramp = _deis_nodes()
     t_s, t_t = g[:-1].numpy(), g[1:].numpy()
     taus = t_t[:, None] + (t_s - t_t)[:, None] * ramp[None, :]  # [steps, nodes]
     c = denoiser.schedule(torch.from_numpy(taus))
