@@ -6,7 +6,7 @@ Gaussian-mixture denoiser; sliced W2 of the best ones; per-step overhead with a 
   ``VPDiscrete.linear()`` (diffusers' default linear betas, 1000 steps) and ``RectifiedFlow``.
 - ``endpoint_rmse``: RMS over 1,000 start states of ``|x_solver - x_ref|``, where ``x_ref`` is the
   float64 reference solution of the same PF-ODE from the same start state ``x_1 = sigma_1 noise``
-  at t = 1 (``tiltflow.solvers.rk.reference_solve``, cross-checked on 100 states against an
+  at t = 1 (``tiltflow.solvers.reference_solve``, cross-checked on 100 states against an
   independent RK4; that difference is the row's ``floor``). NFE in {2, 4, 6, 8, 10, 16, 32},
   counted by a counting model; a solver that cannot spend N exactly (Heun: 2n - 1, RK4: 4n - 1)
   is run at N - 1 (``extra.nfe_target``), else skipped. tiltflow solvers run on every named grid
@@ -82,7 +82,7 @@ def start_state(gmm, schedule, n: int, seed: int = 0) -> torch.Tensor:
 def _exact_eps(gmm, schedule):
     def eps(x_t, t: float):
         x = x_t.to(_F64)
-        c = schedule.scalars([t])[0]
+        c = schedule(torch.tensor(t, dtype=_F64))
         x_hat = gmm.posterior_mean(x, torch.full((x.shape[0],), t, dtype=_F64), schedule)
         return ((x - float(c.alpha) * x_hat) / float(c.sigma)).to(x_t.dtype)
 
@@ -94,7 +94,7 @@ def _exact_velocity(gmm, schedule):
 
     def vel(x_t, t: float):
         x = x_t.to(_F64)
-        c = schedule.scalars([t])[0]
+        c = schedule(torch.tensor(t, dtype=_F64))
         a, s, da, ds = (float(v) for v in c.as_tuple())
         x_hat = gmm.posterior_mean(x, torch.full((x.shape[0],), t, dtype=_F64), schedule)
         if s == 0.0:

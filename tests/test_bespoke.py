@@ -13,7 +13,7 @@ import tiltflow as tf
 from tiltflow import analytic
 from tiltflow import schedules as S
 from tiltflow.errors import UserError
-from tiltflow.solvers import bespoke as B
+from tiltflow.solvers import trained as B
 
 torch.set_num_threads(1)
 GMM = analytic.anisotropic_2d()
@@ -31,19 +31,9 @@ def bed():
     for key, sched in SCHEDS.items():
         den = GMM.denoiser(sched)
         train, test = _noise(128, 0), _noise(256, 1)
-        out[key] = (den, train, B.reference_solve(den, B._start(den, train)),
-                    test, B.reference_solve(den, B._start(den, test)))
+        out[key] = (den, train, tf.solvers.reference_solve(den, B.start_state(den, train)),
+                    test, tf.solvers.reference_solve(den, B.start_state(den, test)))
     return out
-
-
-def test_reference_is_tight():
-    """Halving RK4's steps changes the endpoint by far less than any error we compare, and the
-    fallback RK4 agrees with the adaptive reference used for fitting."""
-    den = GMM.denoiser(SCHEDS["vp"])
-    x0 = B._start(den, _noise(64, 2))
-    coarse, fine = B.rk4_reference(den, x0, steps=64), B.rk4_reference(den, x0, steps=128)
-    assert float(B.endpoint_rmse(coarse, fine)) < 1e-5
-    assert float(B.endpoint_rmse(B.reference_solve(den, x0), fine)) < 1e-5
 
 
 def _rmse(fitted, den, noise, ref):
@@ -69,7 +59,7 @@ def test_bespoke_and_bns_beat_their_base_on_held_out_noises(bed, key):
 
 def test_identity_bespoke_equals_the_base_solver():
     den = GMM.denoiser(SCHEDS["vp"])
-    x0 = B._start(den, _noise(32, 3))
+    x0 = B.start_state(den, _noise(32, 3))
     for nfe in (4, 6):
         ident = B.BespokeSolver.identity(den.schedule, nfe, "euler")
         base = tf.solvers.solve(den, x0, torch.linspace(1, 0, nfe + 1, dtype=torch.float64),
@@ -87,7 +77,7 @@ def test_identity_bespoke_equals_the_base_solver():
 
 def test_bns_from_solver_reproduces_linear_solvers():
     den = GMM.denoiser(SCHEDS["vp"])
-    x0 = B._start(den, _noise(32, 4))
+    x0 = B.start_state(den, _noise(32, 4))
     for solver, nfe in (("ddim", 5), ("euler", 4), ("heun", 5)):
         bns = B.BNSSolver.from_solver(den.schedule, solver, "uniform", nfe=nfe)
         base = tf.sample(den, _noise(32, 4), solver, nfe=nfe)
@@ -115,8 +105,8 @@ def test_optimized_grid_beats_the_uniform_grid_on_held_out_noises(key):
     from 1 to exactly 0, float64, and exactly 6 network calls through tiltflow.sample."""
     den = GMM.denoiser(SCHEDS[key])
     train, test = _noise(256, 10), _noise(1024, 11)
-    ref = B.reference_solve(den, B._start(den, train))
-    ref_test = B.reference_solve(den, B._start(den, test))
+    ref = tf.solvers.reference_solve(den, B.start_state(den, train))
+    ref_test = tf.solvers.reference_solve(den, B.start_state(den, test))
     fitted = B.fit_grid(den, 6, "unipc", noises=train, reference=ref, method="adam")
     grid = fitted.grid
     assert fitted.base == "unipc" and fitted.fit_info["optimizer"] == "adam"
@@ -137,39 +127,6 @@ def test_optimized_grid_beats_the_uniform_grid_on_held_out_noises(key):
     assert fitted.fit_info["val_rmse"] <= fitted.fit_info["init_rmse"] * 1.5
 
 
-@pytest.mark.parametrize("solver", sorted(B.GRID_SOLVERS))
-def test_differentiable_twin_matches_the_registered_solver(solver):
-    """Same grid -> same endpoint as the registered solver (float64 rounding, 1e-10), on every
-    default grid and on schedules with alpha = 0 at t = 1 (rf), a discrete VP table and EDM; and
-    its gradient in the grid matches central differences of the registered solver."""
-    noise = _noise(32, 5)
-    for sched in (S.RectifiedFlow(), S.VPDiscrete.linear(), S.EDM()):
-        den = GMM.denoiser(sched)
-        x0 = B._start(den, noise)
-        for name in tf.solvers.grids.available():
-            for steps in (3, 6):
-                grid = tf.solvers.grids.get_grid(name, steps, sched)
-                torch.testing.assert_close(B.differentiable_solve(den, x0, grid, solver),
-                                           tf.solvers.solve(den, x0, grid, solver),
-                                           rtol=0, atol=1e-9 if solver == "deis" else 1e-10)
-    den = GMM.denoiser(S.VPDiscrete.linear())
-    x0 = B._start(den, noise)
-    ref = B.reference_solve(den, x0)
-    theta = 0.3 * torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    th = theta.clone().requires_grad_()
-    B.endpoint_rmse(B.differentiable_solve(den, x0, B._grid_from_theta(th, 1.0), solver),
-                    ref).backward()
-
-    def loss(v):
-        return float(B.endpoint_rmse(tf.solvers.solve(den, x0, B._grid_from_theta(v, 1.0),
-                                                      solver), ref))
-
-    eps = 1e-6  # central differences: truncation O(eps^2), rounding O(1e-16 / eps) ~ 1e-10
-    fd = torch.tensor([(loss(theta + eps * e) - loss(theta - eps * e)) / (2 * eps)
-                       for e in torch.eye(5, dtype=torch.float64)], dtype=torch.float64)
-    torch.testing.assert_close(th.grad, fd, rtol=1e-5, atol=1e-8)
-
-
 def test_grid_fitting_options_and_errors(bed):
     den, train, ref, test, ref_test = bed["vp"]
     nm = B.fit_grid(den, 4, "euler", noises=train, reference=ref, steps=150, init="uniform",
@@ -180,12 +137,10 @@ def test_grid_fitting_options_and_errors(bed):
     assert nm.fit_info["train_rmse"] <= nm.fit_info["init_rmse"]
     with pytest.raises(ValueError, match="method must be"):
         B.fit_grid(den, 4, noises=train, reference=ref, method="bfgs")
-    with pytest.raises(ValueError, match="nelder_mead"):
-        B.fit_grid(den, 7, "rk4", noises=train, reference=ref)
     with pytest.raises(ValueError, match="stochastic"):
         B.fit_grid(den, 4, "ddpm", noises=train, reference=ref)
-    with pytest.raises(ValueError, match="no differentiable version"):
-        B.differentiable_solve(den, B._start(den, test), torch.tensor([1.0, 0.0]), "rk4")
+    with pytest.raises(ValueError, match="not differentiable"):
+        B.fit_grid(den, 4, "bespoke", noises=train, reference=ref)
 
 
 def test_save_load_round_trip_and_registry(bed, tmp_path):
@@ -211,7 +166,7 @@ def test_save_load_round_trip_and_registry(bed, tmp_path):
         assert torch.equal(g.sample(den, test), f.sample(den, test))
         # as a solver: the returned function and the registry entry agree, spending nfe calls
         fn = g.as_solver()
-        x0 = B._start(den, test)
+        x0 = B.start_state(den, test)
         assert torch.equal(fn(den, x0, torch.tensor([1.0, 0.0])), f.sample(den, test))
         calls.clear()
         out = tf.sample(cden, test, "bespoke", nfe=4, options={"params": str(path)})

@@ -15,7 +15,7 @@ from gaussian_flow import MU, S2, exact_flow, gaussian_denoiser
 import tiltflow as tf
 from tiltflow import analytic
 from tiltflow import schedules as S
-from tiltflow.solvers import bespoke as B
+from tiltflow.solvers import trained as B
 
 torch.set_num_threads(1)
 GMM = analytic.anisotropic_2d()
@@ -55,7 +55,7 @@ def _random_transform(schedule, nfe, seed):
 def test_bound_upper_bounds_the_endpoint_error_on_a_gaussian(schedule):
     den = gaussian_denoiser(schedule)
     noise = _noise(64, 0)
-    x_init = B._start(den, noise)
+    x_init = B.start_state(den, noise)
     path = B.ground_truth_path(den, noise, knots=128)
     # the GT path is the exact flow (interpolated at any time)
     times = torch.tensor([0.97, 0.6, 0.31, 0.05], dtype=F64)
@@ -97,7 +97,7 @@ def test_identity_local_errors_are_the_base_solvers_local_errors(base, schedule)
     terms = sol.rmse_bound(den, path, lipschitz=L)
     n = sol.steps
     grid = torch.linspace(1, 0, n + 1, dtype=F64)
-    gt = torch.cat([B._start(den, noise)[None], path.at(grid[1:-1]), path.end[None]])
+    gt = torch.cat([B.start_state(den, noise)[None], path.at(grid[1:-1]), path.end[None]])
     for i in range(n):
         step = tf.solvers.solve(den, gt[i], grid[i:i + 2], base)
         torch.testing.assert_close(terms.local_errors[i], (gt[i + 1] - step).norm(dim=1),
@@ -114,10 +114,10 @@ def test_ground_truth_path_matches_the_reference():
     den = GMM.denoiser(S.VPDiscrete.linear())
     noise = _noise(64, 5)
     path = B.ground_truth_path(den, noise)
-    x_init = B._start(den, noise)
-    assert float(B.endpoint_rmse(path.end, B.reference_solve(den, x_init))) < 1e-6
+    x_init = B.start_state(den, noise)
+    assert float(B.endpoint_rmse(path.end, tf.solvers.reference_solve(den, x_init))) < 1e-6
     for t in (0.7, 0.2, 0.01):
-        mid = B.rk4_reference(den, x_init, 1.0, t, steps=512)
+        mid = tf.solvers.reference_solve(den, x_init, 1.0, t)
         assert float(B.endpoint_rmse(path.at(torch.tensor([t], dtype=F64))[0], mid)) < 1e-5
     torch.testing.assert_close(path.at(torch.tensor([1.0], dtype=F64))[0], x_init)
 
@@ -127,7 +127,7 @@ def test_ground_truth_path_matches_the_reference():
 def test_fitting_the_bound_lowers_the_held_out_rmse(schedule, tmp_path):
     den = GMM.denoiser(schedule)
     train, test = _noise(256, 0), _noise(512, 1)
-    ref_test = B.reference_solve(den, B._start(den, test))
+    ref_test = tf.solvers.reference_solve(den, B.start_state(den, test))
     fitted = B.BespokeSolver.fit(den, 4, "midpoint", noises=train, steps=100, loss="bound")
     start = B.BespokeSolver.identity(schedule, 4, "midpoint", init=fitted.fit_info["init"])
     identity = B.BespokeSolver.identity(schedule, 4, "midpoint")

@@ -1,5 +1,5 @@
-"""Optimised time grids (``fit_grid``): differentiable twins with solver options, the L-BFGS /
-``solver="auto"`` fit, the FittedGrid file, the CLI, and clear errors.
+"""Optimised time grids (``fit_grid``): the L-BFGS / ``solver="auto"`` fit through the
+registered solvers, the FittedGrid file, the CLI, and clear errors.
 
 Ground truth is the exact Gaussian-mixture denoiser and a tight reference solve; gains are
 judged on held-out noises, never on the noises a grid was fitted on.
@@ -11,91 +11,22 @@ import torch
 import tiltflow as tf
 from tiltflow import analytic
 from tiltflow import schedules as S
-from tiltflow.solvers import bespoke as B
+from tiltflow.solvers import trained as B
+from tiltflow.solvers.trained.grid import _GridProblem
 
 torch.set_num_threads(1)
 GMM = analytic.anisotropic_2d()
 
-# (solver, options) pairs whose twins must equal the registered solver
-TWIN_CASES = [
-    ("unipc", {"variant": "bh1"}),
-    ("unipc", {"order": 3}),
-    ("unipc", {"order": 1}),
-    ("unipc", {"order": 3, "variant": "bh1", "lower_order_final": False}),
-    ("unipc_p", {}),
-    ("unipc_p", {"order": 3, "variant": "bh1"}),
-    ("dpmpp_2m", {"lower_order_final": False}),
-    ("dpmpp_3m", {}),
-    ("dpmpp_3m", {"lower_order_final": False}),
-    ("deis", {}),
-    ("deis", {"order": 2}),
-    ("deis", {"order": 4, "lower_order_final": True}),
-    ("ipndm", {}),
-    ("ipndm", {"order": 2}),
-    ("ipndm", {"order": 3}),
-]
-
-
 def _noise(n, seed):
     return torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-
-
-def _grids(sched):
-    """Every default grid at 1, 3 and 6 steps, and random grids with uneven steps."""
-    out = [tf.solvers.grids.get_grid(name, steps, sched)
-           for name in tf.solvers.grids.available() for steps in (1, 3, 6)]
-    gen = torch.Generator().manual_seed(3)
-    out += [B._grid_from_theta(0.6 * torch.randn(n, dtype=torch.float64, generator=gen), 1.0)
-            for n in (2, 5, 8)]
-    return out
-
-
-@pytest.mark.parametrize("solver,options", TWIN_CASES)
-def test_twin_equals_the_registered_solver_with_options(solver, options):
-    """Same grid and options -> the registered solver's endpoint to float64 rounding, on
-    schedules with alpha = 0 at t = 1 (rf), a discrete VP table and EDM. DEIS-3/4's Lagrange
-    extrapolation amplifies rounding on clustered grids (rf's Karras grid: weights ~3e3), so
-    its bound is 1e-9; every other twin agrees to 1e-10."""
-    noise = _noise(32, 5)
-    atol = 1e-9 if solver == "deis" else 1e-10
-    for sched in (S.RectifiedFlow(), S.VPDiscrete.linear(), S.EDM()):
-        den = GMM.denoiser(sched)
-        x0 = B._start(den, noise)
-        for grid in _grids(sched):
-            torch.testing.assert_close(
-                B.differentiable_solve(den, x0, grid, solver, options=options),
-                tf.solvers.solve(den, x0, grid, solver, options=options), rtol=0, atol=atol)
-
-
-@pytest.mark.parametrize("solver,options", [("deis", {"order": 4}), ("ipndm", {}),
-                                            ("unipc", {"order": 3, "variant": "bh1"}),
-                                            ("dpmpp_3m", {})])
-def test_twin_gradient_matches_central_differences(solver, options):
-    den = GMM.denoiser(S.VPDiscrete.linear())
-    x0 = B._start(den, _noise(32, 6))
-    ref = B.reference_solve(den, x0)
-    theta = 0.3 * torch.randn(5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    th = theta.clone().requires_grad_()
-    grid = B._grid_from_theta(th, 1.0)
-    B.endpoint_rmse(B.differentiable_solve(den, x0, grid, solver, options=options),
-                    ref).backward()
-
-    def loss(v):
-        x = tf.solvers.solve(den, x0, B._grid_from_theta(v, 1.0), solver, options=options)
-        return float(B.endpoint_rmse(x, ref))
-
-    eps = 1e-6
-    fd = torch.tensor([(loss(theta + eps * e) - loss(theta - eps * e)) / (2 * eps)
-                       for e in torch.eye(5, dtype=torch.float64)], dtype=torch.float64)
-    torch.testing.assert_close(th.grad, fd, rtol=1e-5, atol=1e-8)
 
 
 @pytest.fixture(scope="module")
 def rf_bed():
     den = GMM.denoiser(S.RectifiedFlow())
     train, test = _noise(192, 20), _noise(1024, 21)
-    return (den, train, B.reference_solve(den, B._start(den, train)), test,
-            B.reference_solve(den, B._start(den, test)))
+    return (den, train, tf.solvers.reference_solve(den, B.start_state(den, train)), test,
+            tf.solvers.reference_solve(den, B.start_state(den, test)))
 
 
 @pytest.mark.parametrize("method,solver,options", [
@@ -118,8 +49,8 @@ def test_fitted_grid_is_never_worse_than_its_init_on_validation(rf_bed, method, 
     assert grid.dtype == torch.float64 and float(grid[0]) == 1.0 and float(grid[-1]) == 0.0
     assert bool((grid[1:] < grid[:-1]).all())
     # the stored validation number is the registered solver's on this grid
-    val = B._GridProblem(den, B._start(den, train), ref, None, 0.25, 0, split=True).val
-    x = tf.solvers.solve(den, B._start(den, train[val]), grid, solver, options=options)
+    val = _GridProblem(den, B.start_state(den, train), ref, None, 0.25, 0, split=True).val
+    x = tf.solvers.solve(den, B.start_state(den, train[val]), grid, solver, options=options)
     assert float(B.endpoint_rmse(x, ref[val])) == pytest.approx(f["val_rmse"], rel=1e-12)
 
 
@@ -132,8 +63,8 @@ def test_auto_fits_every_candidate_and_keeps_the_best(sched, tmp_path):
     registry entry, at exactly 6 network calls."""
     den = GMM.denoiser(sched)
     train, test = _noise(256, 10), _noise(1024, 11)
-    ref = B.reference_solve(den, B._start(den, train))
-    ref_test = B.reference_solve(den, B._start(den, test))
+    ref = tf.solvers.reference_solve(den, B.start_state(den, train))
+    ref_test = tf.solvers.reference_solve(den, B.start_state(den, test))
     fg = B.fit_grid(den, 6, noises=train, reference=ref, restarts=1, steps=40,
                     model={"name": "analytic:anisotropic_2d"})
     f = fg.fit_info
@@ -195,8 +126,8 @@ def test_bad_inputs_give_clear_errors(rf_bed):
         B.fit_grid(den, 4, "ddpm", **kw)
     with pytest.raises(ValueError, match="adaptive"):
         B.fit_grid(den, 4, "dopri5", method="nelder_mead", **kw)
-    with pytest.raises(ValueError, match="needs a differentiable solver"):
-        B.fit_grid(den, 7, "rk4", **kw)
+    with pytest.raises(ValueError, match="not differentiable"):
+        B.fit_grid(den, 4, "bespoke", **kw)
     with pytest.raises(ValueError, match="has no option"):
         B.fit_grid(den, 4, "ipndm", options={"variant": "bh1"}, **kw)
     with pytest.raises(ValueError, match="cannot spend exactly nfe=4"):
@@ -207,11 +138,6 @@ def test_bad_inputs_give_clear_errors(rf_bed):
         B.fit_grid(den, 4, "unipc", init=torch.tensor([1.0, 0.5, 0.0]), **kw)
     with pytest.raises(ValueError, match="use fit_grid"):
         B.optimize_grid(den, 4, "auto", **kw)
-    with pytest.raises(ValueError, match="order must be an int in"):
-        B.differentiable_solve(den, B._start(den, test[:4]), tf.solvers.grids.uniform(3),
-                               "deis", options={"order": 7})
-    with pytest.raises(ValueError, match="no differentiable version"):
-        B.differentiable_solve(den, B._start(den, test[:4]), tf.solvers.grids.uniform(3), "rk4")
 
 
 def test_optimize_grid_with_options_is_a_plain_grid(rf_bed):

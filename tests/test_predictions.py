@@ -172,9 +172,9 @@ def test_edm_preconditioning_skip_goes_to_one(name):
 
 def test_noise_side_maps_stay_finite_at_the_pure_noise_end():
     """At alpha = 0 (rectified flow at t = 1) a score or noise prediction still defines the
-    noise and score kinds (only x_hat is undefined): the scalar fast path must give
-    ``noise = -sigma * score`` there, not 0 * inf = NaN."""
-    c = schedules.RectifiedFlow().scalars([1.0])[0]
+    noise and score kinds (only x_hat is undefined): a solver's grid point there must give
+    ``noise = -sigma * score``, not 0 * inf = NaN."""
+    c = schedules.RectifiedFlow().points(torch.ones(1, dtype=F64))[0].coeffs
     assert float(c.alpha) == 0.0 and float(c.sigma) == 1.0
     g = torch.Generator().manual_seed(3)
     x_t, score = (torch.randn(4, 2, dtype=F64, generator=g) for _ in range(2))

@@ -16,7 +16,7 @@ import tiltflow as tf
 from tiltflow import analytic
 from tiltflow import schedules as S
 from tiltflow.solvers import grids, rk  # importing rk registers midpoint, rk4, dopri5
-from tiltflow.solvers.rk import reference_solve
+from tiltflow.solvers import reference_solve
 
 F64 = torch.float64
 SMOOTH = [S.RectifiedFlow(), S.Cosine()]

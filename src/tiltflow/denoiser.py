@@ -10,18 +10,16 @@ free guidance uses); ``cond=None`` means all-null.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from .predictions import Prediction, check_kind, scale
-from .schedules import Coeffs, Schedule, change_of_schedule, get_schedule
+from .predictions import Prediction, check_kind, from_hub
+from .schedules import Coeffs, GridPoint, Schedule, change_of_schedule, get_schedule
 
-__all__ = ["Denoiser", "as_time"]
+__all__ = ["Denoiser", "ScheduleChange", "as_time", "batch_time"]
 
 
 def as_time(t, x_t: torch.Tensor) -> torch.Tensor:
@@ -87,9 +85,6 @@ class Denoiser(nn.Module):
         adapter, an analytic oracle) so every solver and method can use it."""
         return cls(fn, schedule, prediction, **kwargs)
 
-    def coeffs(self, t: torch.Tensor, x_t: torch.Tensor) -> Coeffs:
-        return self.schedule(t).expand(x_t)
-
     def _call_net(self, x, t, cond):
         if self._takes_cond:
             return self.net(x, t, cond)
@@ -97,83 +92,63 @@ class Denoiser(nn.Module):
             raise ValueError("this denoiser's function takes no `cond`, but cond was given")
         return self.net(x, t)
 
-    def forward(self, x_t: torch.Tensor, t, cond=None, coeffs: Coeffs | None = None) -> Prediction:
-        """Evaluate at ``(x_t, t)``. ``coeffs``: the schedule's coefficients at ``t`` if the
-        caller already has them (solvers pass precomputed scalars); computed otherwise."""
+    def forward(self, x_t: torch.Tensor, t, cond=None) -> Prediction:
+        """Evaluate at ``(x_t, t)``: ``t`` is a ``[B]`` tensor, a scalar, or a solver's
+        :class:`~tiltflow.schedules.GridPoint` (coefficients already computed)."""
+        if isinstance(t, GridPoint):
+            c, t = t.coeffs, batch_time(t, x_t)
+        else:
+            t = as_time(t, x_t)
+            c = self.schedule(t).expand(x_t)
         if self.precondition:
-            if coeffs is not None and coeffs.is_scalar:  # a solver's fast path: no schedule call
-                return self._preconditioned_scalar(x_t, cond, coeffs)
-            t = as_time(t, x_t)
-            return self._preconditioned(x_t, cond, self.coeffs(t, x_t))
-        if coeffs is None:
-            t = as_time(t, x_t)
-            coeffs = self.coeffs(t, x_t)
-        # (on a solver's fast path t is already a [B] tensor in x_t's dtype)
-        out = self._call_net(x_t, t if t.dtype == x_t.dtype else t.to(x_t.dtype), cond)
+            return self._preconditioned(x_t, cond, c)
+        out = self._call_net(x_t, t.to(x_t.dtype), cond)
         if out.shape != x_t.shape:
             raise ValueError(f"network output shape {tuple(out.shape)} != input {tuple(x_t.shape)}")
-        return Prediction(out, self.prediction, x_t, coeffs)
+        return Prediction(out, self.prediction, x_t, c)
 
     def _preconditioned(self, x_t, cond, c: Coeffs) -> Prediction:
-        """EDM preconditioning (class docstring) with coefficients broadcast to ``x_t``."""
+        """EDM preconditioning (class docstring)."""
         sd2 = self.sigma_data**2
         s = c.sigma / c.alpha
         x_scaled = x_t / c.alpha
         c_in = torch.rsqrt(s**2 + sd2)
         c_skip = sd2 / (s**2 + sd2)
         c_out = s * self.sigma_data * c_in
-        c_noise = (torch.log(s) / 4).reshape(-1)
-        out = self._call_net(c_in * x_scaled, c_noise, cond)
+        c_noise = torch.log(s) / 4
+        c_noise = batch_time(c_noise if c_noise.dim() == 0 else c_noise.reshape(-1), x_t)
+        out = self._call_net(c_in * x_scaled, c_noise.to(x_t.dtype), cond)
         return Prediction(c_skip * x_scaled + c_out * out, "data", x_t, c)
 
-    def _preconditioned_scalar(self, x_t, cond, c: Coeffs) -> Prediction:
-        """The same with a solver's scalar coefficients: float64 weights (cached per time)
-        instead of a schedule evaluation and tensor arithmetic per call."""
-        c_in, c_skip, c_out, c_noise = _precondition_weights(float(c.alpha), float(c.sigma),
-                                                             self.sigma_data)
-        t_in = torch.full((x_t.shape[0],), c_noise, dtype=x_t.dtype, device=x_t.device)
-        out = self._call_net(scale(x_t, c_in), t_in, cond)
-        return Prediction(scale(x_t, c_skip).add_(out, alpha=c_out), "data", x_t, c)
-
-    def with_schedule(self, schedule) -> ScheduleChange:
+    def with_schedule(self, schedule) -> Denoiser:
         """This denoiser seen under another schedule (same log-SNR, rescaled state)."""
-        return ScheduleChange(self, get_schedule(schedule))
+        schedule = get_schedule(schedule)
+        return Denoiser(ScheduleChange(self, schedule), schedule, self.prediction)
 
 
-@functools.lru_cache(maxsize=4096)
-def _precondition_weights(alpha: float, sigma: float, sigma_data: float):
-    """EDM's ``(c_in, c_skip, c_out, c_noise)`` at one time, in float64, with the ``1/alpha`` of
-    the scaled state folded into ``c_in`` and ``c_skip`` (so ``x_in = c_in x_t``,
-    ``x_hat = c_skip x_t + c_out F``). At ``alpha = 0`` they are nan/inf, as the tensor form."""
-    sd2 = sigma_data**2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.float64(alpha)
-        s = np.float64(sigma) / a
-        c_in = 1 / np.sqrt(s**2 + sd2)
-        return (float(c_in / a), float(sd2 / (s**2 + sd2) / a), float(s * sigma_data * c_in),
-                float(np.log(s) / 4))
+def batch_time(t, x_t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a ``[B]`` tensor for ``x_t``: a :class:`GridPoint`'s (or any 0-d CPU) time is
+    filled on ``x_t``'s device (a host-side read, no device sync; differentiable)."""
+    if isinstance(t, GridPoint):
+        t = t.t
+    if torch.is_tensor(t) and t.dim() == 0:
+        return x_t.new_empty(x_t.shape[0]).fill_(t)
+    return as_time(t, x_t)
 
 
-class ScheduleChange(Denoiser):
-    """A denoiser trained under ``base.schedule`` evaluated under ``schedule``: at ``(x_t, t)``
-    it calls ``base(x_t / scale, s)`` with ``(s, scale)`` from
+class ScheduleChange(nn.Module):
+    """The network of a denoiser trained under ``base.schedule``, evaluated under
+    ``schedule``: at ``(x_t, t)`` it calls ``base(x_t / scale, s)`` with ``(s, scale)`` from
     :func:`~tiltflow.schedules.change_of_schedule`. ``E[x | x_t]`` and ``E[noise | x_t]`` do not
-    change, so the hub pair passes through unchanged."""
+    change, so it returns the base's prediction kind formed from the same hub pair with
+    ``schedule``'s coefficients. :meth:`Denoiser.with_schedule` wraps it."""
 
     def __init__(self, base: Denoiser, schedule: Schedule):
-        nn.Module.__init__(self)
-        self.base = base
-        self.schedule = schedule
-        self.prediction = base.prediction
-        self.precondition = False
+        super().__init__()
+        self.base, self.schedule = base, schedule
 
-    @property
-    def net(self):
-        return self.base.net
-
-    def forward(self, x_t, t, cond=None, coeffs: Coeffs | None = None) -> Prediction:
-        t = as_time(t, x_t)
+    def forward(self, x_t, t, cond=None):
         s, scale = change_of_schedule(self.base.schedule, self.schedule, t)
         scale = scale.reshape((-1,) + (1,) * (x_t.dim() - 1)).to(x_t.dtype)
         inner = self.base(x_t / scale, s, cond)
-        return Prediction.from_hub(*inner.hub, x_t, coeffs if coeffs is not None else self.coeffs(t, x_t))
+        return from_hub(self.base.prediction, *inner.hub, self.schedule(t).expand(x_t))

@@ -14,17 +14,13 @@ Each is a linear function of ``(x, eps)`` given ``x_t``, so :func:`to_hub` and
 
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 
 from .schedules import Coeffs
 
 KINDS = ("noise", "data", "velocity", "v", "score")
 
-__all__ = ["KINDS", "check_kind", "to_hub", "from_hub", "convert", "Prediction", "scale",
-           "linear_maps"]
+__all__ = ["KINDS", "check_kind", "to_hub", "from_hub", "convert", "Prediction"]
 
 
 def check_kind(kind: str) -> str:
@@ -78,73 +74,6 @@ def convert(out: torch.Tensor, src: str, dst: str, x_t: torch.Tensor, c: Coeffs)
     return from_hub(dst, *to_hub(src, out, x_t, c), c)
 
 
-def scale(x: torch.Tensor, a: float) -> torch.Tensor:
-    """``a * x`` for a python float ``a``, as a fresh tensor.
-
-    On CPU, written ``0 + a * x`` with a cached 0-d zero: exact (the same single rounding as
-    ``x * a``) and about half the cost on the tiny tensors of a sampler's per-step overhead,
-    because ``x * a`` first wraps ``a`` into a tensor. Other devices, and half-precision
-    dtypes (``alpha`` would be rounded to the tensor's dtype), use ``x * a``.
-    """
-    zero = _CPU_ZEROS.get(x.dtype) if x.is_cpu else None
-    return x * a if zero is None else torch.add(zero, x, alpha=a)
-
-
-_CPU_ZEROS = {dt: torch.zeros((), dtype=dt) for dt in (torch.float32, torch.float64)}
-
-
-def _linear_map(src: str, dst: str, c: Coeffs) -> tuple[float, float]:
-    """``(p, q)`` with ``dst = p * raw + q * x_t`` for a ``src`` prediction ``raw``: the hub
-    formulas evaluated on unit inputs, in numpy float64 (endpoint divisions give inf/nan).
-    Cached on the coefficients: a solver asks for the same few maps at each grid time (see
-    :func:`linear_maps` to fill them for a whole grid at once)."""
-    found = c.maps.get((src, dst))
-    if found is None:
-        check_kind(dst)
-        found = c.maps[(src, dst)] = _cached_linear_map(src, dst, *(float(v) for v in c.as_tuple()))
-    return found
-
-
-@functools.lru_cache(maxsize=8192)
-def _cached_linear_map(src, dst, alpha, sigma, d_alpha, d_sigma):
-    p, q = _map_arrays(src, dst, *(np.float64(v) for v in (alpha, sigma, d_alpha, d_sigma)))
-    return float(p), float(q)
-
-
-def _map_arrays(src, dst, alpha, sigma, d_alpha, d_sigma):
-    """``(p, q)`` of :func:`_linear_map` for numpy float64 scalars or arrays of coefficients."""
-    c = Coeffs(alpha, sigma, d_alpha, d_sigma)
-    one, zero = np.float64(1.0), np.float64(0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xr, er = to_hub(src, one, zero, c)  # hub pair per unit raw
-        xx, ex = to_hub(src, zero, one, c)  # hub pair per unit x_t
-        a, b = from_hub(dst, one, zero, c), from_hub(dst, zero, one, c)
-        return _times(a, xr) + _times(b, er), _times(a, xx) + _times(b, ex)
-
-
-def _times(w, v):
-    """``w * v`` with ``0 * v = 0`` also for infinite ``v``: a hub component that ``dst`` does not
-    use (weight 0) may be undefined, e.g. ``x_hat`` of a score at alpha = 0, and must not turn the
-    map into NaN (score -> noise there is ``-sigma * score``)."""
-    return np.where(w == 0, 0.0, w * v)
-
-
-def linear_maps(src: str, dsts, coeffs: list[Coeffs]) -> None:
-    """Fill the ``src -> dst`` conversions, for each kind in ``dsts``, of every one of
-    ``coeffs`` (scalar coefficients, e.g. a solver's grid from :meth:`Schedule.scalars`) in one
-    vectorized float64 pass, so reading ``dst`` from a ``src`` prediction in the sampling loop
-    is a cache hit."""
-    check_kind(src)
-    dsts = [check_kind(d) for d in dsts if d != src]
-    if not dsts or not coeffs:
-        return
-    cols = np.array([c.as_tuple() for c in coeffs], dtype=np.float64).T
-    for dst in dsts:
-        p, q = _map_arrays(src, dst, *cols)
-        for c, pq in zip(coeffs, zip(p.tolist(), q.tolist(), strict=True), strict=True):
-            c.maps[(src, dst)] = pq
-
-
 class Prediction:
     """A denoiser's output at ``(x_t, t)``, readable as any kind.
 
@@ -167,40 +96,7 @@ class Prediction:
     def as_kind(self, kind: str) -> torch.Tensor:
         if kind == self.kind:
             return self.raw
-        if self._hub is None and self.coeffs.is_scalar:
-            # Every kind is linear in (raw, x_t): with scalar coefficients, two tensor ops.
-            p, q = _linear_map(self.kind, kind, self.coeffs)
-            out = scale(self.raw, p)
-            return out.add_(self.x_t, alpha=q) if q else out
         return from_hub(check_kind(kind), *self.hub, self.coeffs)
-
-    def combine(self, x_t: float = 0.0, plus: torch.Tensor | None = None, **weights: float
-                ) -> torch.Tensor:
-        """``plus + x_t * x_t + sum_k w_k * (kind k)`` as a fresh tensor, e.g.
-        ``combine(data=a, noise=s)`` for a DDIM step; ``plus`` (a tensor, default none) lets a
-        solver fold a partial sum in. Kinds with weight 0 are left out (not read).
-
-        Every kind is linear in ``(raw, x_t)``, so with scalar coefficients the whole update
-        costs two tensor operations however many kinds it mixes."""
-        if self._hub is None and self.coeffs.is_scalar:
-            p_all, q_all = 0.0, float(x_t)
-            for kind, w in weights.items():
-                if kind == self.kind:
-                    p_all += w
-                elif w:
-                    p, q = _linear_map(self.kind, kind, self.coeffs)
-                    p_all, q_all = p_all + w * p, q_all + w * q
-                else:
-                    check_kind(kind)
-            out = scale(self.raw, p_all) if plus is None else torch.add(plus, self.raw,
-                                                                         alpha=p_all)
-            return out.add_(self.x_t, alpha=q_all) if q_all else out
-        terms = [w * self.as_kind(k) for k, w in weights.items() if check_kind(k) and w]
-        if x_t:
-            terms.append(x_t * self.x_t)
-        if plus is not None:
-            terms.append(plus)
-        return sum(terms[1:], terms[0]) if terms else torch.zeros_like(self.x_t)
 
     data = property(lambda self: self.as_kind("data"), doc="E[x | x_t]")
     noise = property(lambda self: self.as_kind("noise"), doc="E[noise | x_t]")

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "Coeffs",
+    "GridPoint",
     "Schedule",
     "RectifiedFlow",
     "Cosine",
@@ -38,27 +39,17 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Coeffs:
-    """``alpha(t)``, ``sigma(t)`` and their derivatives in t, each shaped like ``t``.
+    """``alpha(t)``, ``sigma(t)`` and their derivatives in t, each shaped like ``t``."""
 
-    Solvers, whose whole batch shares one time, use scalar coefficients instead
-    (:meth:`Schedule.scalars`): numpy float64 numbers, which multiply tensors directly and turn
-    a division by zero at an endpoint into inf instead of an exception.
-    """
-
-    alpha: torch.Tensor | float
-    sigma: torch.Tensor | float
-    d_alpha: torch.Tensor | float
-    d_sigma: torch.Tensor | float
-    # conversions between prediction kinds, cached per (src, dst) for scalar coefficients
-    maps: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def is_scalar(self) -> bool:
-        return not torch.is_tensor(self.alpha)
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    d_alpha: torch.Tensor
+    d_sigma: torch.Tensor
 
     def expand(self, x: torch.Tensor) -> Coeffs:
-        """Reshape ``[B]`` coefficients to broadcast against ``x`` of shape ``[B, ...]``."""
-        if self.is_scalar:
+        """Reshape ``[B]`` coefficients to broadcast against ``x`` of shape ``[B, ...]`` (0-d
+        coefficients broadcast as they are)."""
+        if self.alpha.dim() == 0:
             return self
         shape = (-1,) + (1,) * (x.dim() - 1)
         return Coeffs(*(c.reshape(shape).to(x.dtype) for c in self.as_tuple()))
@@ -67,13 +58,19 @@ class Coeffs:
         return (self.alpha, self.sigma, self.d_alpha, self.d_sigma)
 
 
-def _scalar_coeffs(alpha, sigma, d_alpha, d_sigma) -> Coeffs:
-    """``Coeffs(alpha, sigma, d_alpha, d_sigma)`` for :meth:`Schedule.scalars`, without the
-    frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field): a solver makes one
-    per grid time before its loop, so this is per-step cost of every sampler. Same object."""
-    c = object.__new__(Coeffs)
-    c.__dict__.update(alpha=alpha, sigma=sigma, d_alpha=d_alpha, d_sigma=d_sigma, maps={})
-    return c
+@dataclass(frozen=True)
+class GridPoint:
+    """A time shared by the whole batch, as a solver passes it to a denoiser: ``t`` as a 0-d
+    float64 CPU tensor (differentiable when the solver's grid is) and the schedule's
+    coefficients there. A solver makes them for its whole grid in one schedule call
+    (:meth:`Schedule.points`) before its loop, so a step evaluates no schedule and reads
+    nothing back from the device."""
+
+    t: torch.Tensor
+    coeffs: Coeffs
+
+    def __float__(self) -> float:
+        return float(self.t.detach())
 
 
 def _as_tensor(t) -> torch.Tensor:
@@ -97,11 +94,11 @@ class Schedule(abc.ABC):
         t = _as_tensor(t)
         return Coeffs(self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t))
 
-    def scalars(self, times) -> list[Coeffs]:
-        """Scalar (numpy float64) coefficients at each of ``times``, computed in one float64
-        call: what a solver precomputes before its loop."""
-        c = self(torch.as_tensor(times, dtype=torch.float64).flatten().cpu())
-        return [_scalar_coeffs(*row) for row in zip(*(v.numpy() for v in c.as_tuple()), strict=True)]
+    def points(self, times: torch.Tensor) -> list[GridPoint]:
+        """:class:`GridPoint` s at the float64 CPU ``times`` (1-D), from one schedule call."""
+        c = self(times)
+        return [GridPoint(t, Coeffs(*row))
+                for t, *row in zip(times.unbind(), *(v.unbind() for v in c.as_tuple()), strict=True)]
 
     # -- to override -------------------------------------------------------------------------
     @abc.abstractmethod

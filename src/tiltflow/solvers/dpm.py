@@ -13,8 +13,8 @@ constants" solution from ``s`` to ``t`` (``h = lambda_t - lambda_s > 0``):
       x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^{lambda} x_hat(lambda) dlambda
 
 The solvers below Taylor-expand ``eps`` or ``x_hat`` in ``lambda`` and integrate the
-exponentials exactly. All step coefficients are computed in float64 from the grid before the
-loop; the loop only does tensor arithmetic and network calls.
+exponentials exactly. All step coefficients are computed in float64 from the grid (torch operations,
+differentiable in the grid); the loop only does tensor arithmetic and network calls.
 
 **Endpoints.** ``lambda = -inf`` where ``alpha = 0`` (t = 1 of rectified flow; cosine's
 ``alpha(1)`` is 6e-17) and ``lambda = +inf`` where ``sigma = 0`` (t = 0 of every schedule but
@@ -42,197 +42,146 @@ at ``sigma_t = 0``: there ``eps -> 0`` is not smooth in lambda).
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
-
 import torch
 
-from ..predictions import scale
-from .registry import Predictor, StepRecord, register
+from .registry import Predictor, linear_combination, register
 
 __all__ = ["dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m",
            "LAMBDA_LIMIT"]
 
 LAMBDA_LIMIT = 15.0  # |lambda| beyond which a step is treated as singular (sigma/alpha < 3e-7)
 
-_F64 = torch.float64
 
-
-def _coeffs(schedule, times: list[float]) -> tuple[list[float], list[float], list[float]]:
-    """``alpha, sigma, lambda = log(alpha/sigma)`` at the given times, as python floats."""
-    t = torch.tensor(times, dtype=_F64)
-    c = schedule(t)
-    lam = 0.5 * schedule.logsnr(t)
-    return c.alpha.tolist(), c.sigma.tolist(), lam.tolist()
-
-
-def _singular(lam_s: float, lam_t: float) -> bool:
+def _singular(lam_s, lam_t) -> bool:
     return not (lam_s >= -LAMBDA_LIMIT and lam_t <= LAMBDA_LIMIT)
 
 
+def _half_logsnr(schedule, t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * schedule.logsnr(t)
+
+
 # -- single-step solvers ----------------------------------------------------------------------
-class _Seg(NamedTuple):
-    """One single-step update from time-table entry ``i0``: ``order`` evaluations at
-    ``(i0, i1, i2)``, reading ``reads`` ("noise" or "data") from each. ``coef`` is
-    ``(A, B)`` for ``x' = A x + B m0``; ``(A1, B1, A, B, C)`` for ``u = A1 x + B1 m0``,
-    ``x' = A x + B m0 + C (m1 - m0)``; ``(A1, B1, A2, B2, C2, A, B, C)`` for
-    ``u1 = A1 x + B1 m0``, ``u2 = A2 x + B2 m0 + C2 (m1 - m0)``, ``x' = A x + B m0 + C (m2 - m0)``.
-    """
-
-    order: int
-    reads: str
-    i0: int
-    i1: int
-    i2: int
-    coef: tuple
-
-
 _FRACTIONS = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}  # r1 (, r2) of Lu et al. 2022 / 2022b
 
 
-def _single_step_plan(schedule, grid, order: int, form: str):
-    """Segments of a single-step solver, per grid step, and the table of evaluation times.
+def _split(schedule, s, t, k):
+    """``[(s, t, k, singular)]`` for a step of budget ``k`` evaluations from time ``s`` to
+    ``t`` (0-d tensors): a singular step of budget k > 1 is split at its time midpoint into a
+    DDIM-limit half (1 evaluation) and an order-(k-1) half."""
+    lam_s, lam_t = _half_logsnr(schedule, torch.stack([s, t])).detach()
+    if not _singular(lam_s, lam_t):
+        return [(s, t, k, False)]
+    if k == 1:
+        return [(s, t, 1, True)]
+    m = 0.5 * (s + t)
+    if not lam_s >= -LAMBDA_LIMIT:
+        return _split(schedule, s, m, 1) + _split(schedule, m, t, k - 1)
+    return _split(schedule, s, m, k - 1) + _split(schedule, m, t, 1)
 
-    ``form`` is "noise" (DPM-Solver) or "data" (DPM-Solver++). All schedule evaluations are
-    batched: one call for the grid, one for the intermediate times.
+
+def _segment(schedule, s, t, k, singular, form):
+    """One single-step update: ``(kind, times, coefficients)`` with the evaluation times
+    ``(s, t1, t2)[:k]`` and, reading ``m_j`` = ``kind`` at ``t_j``:
+
+    - order 1: ``(A, B)`` for ``x' = A x + B m0``;
+    - order 2: ``(A1, B1, A, B, C)`` for ``u = A1 x + B1 m0``, ``x' = A x + B m0 + C (m1 - m0)``;
+    - order 3: ``(A1, B1, A2, B2, C2, A, B, C)`` for ``u1 = A1 x + B1 m0``,
+      ``u2 = A2 x + B2 m0 + C2 (m1 - m0)``, ``x' = A x + B m0 + C (m2 - m0)``.
     """
-    g = grid.tolist()
-    lam_of = dict(zip(g, _coeffs(schedule, g)[2], strict=True))
-
-    def lam_at(t):
-        if t not in lam_of:  # split points of singular steps: a few per grid at most
-            lam_of[t] = _coeffs(schedule, [t])[2][0]
-        return lam_of[t]
-
-    def split(s, t, k):
-        """``[(s, t, k, singular)]``: a singular step of budget k > 1 is split at its time
-        midpoint into a DDIM-limit half (1 evaluation) and an order-(k-1) half."""
-        if not _singular(lam_at(s), lam_at(t)):
-            return [(s, t, k, False)]
-        if k == 1:
-            return [(s, t, 1, True)]
-        m = 0.5 * (s + t)
-        if not lam_at(s) >= -LAMBDA_LIMIT:
-            return split(s, m, 1) + split(m, t, k - 1)
-        return split(s, m, k - 1) + split(m, t, 1)
-
-    steps = [split(g[i], g[i + 1], order) for i in range(len(g) - 1)]
-    flat = [sub for subs in steps for sub in subs]
-    targets = [lam_at(s) + r * (lam_at(t) - lam_at(s))
-               for s, t, k, sing in flat if not sing for r in _FRACTIONS[k]]
-    mids = schedule.t_from_logsnr(2 * torch.tensor(targets, dtype=_F64)).tolist() if targets else []
-    times = [u for s, t, _, _ in flat for u in (s, t)] + mids
-    alpha, sigma, lam = _coeffs(schedule, times)
-    coef_of = {u: (a, b, c) for u, a, b, c in zip(times, alpha, sigma, lam, strict=True)}
-    table: list[float] = []
-
-    def add(t):
-        table.append(t)
-        return len(table) - 1
-
-    mid_iter = iter(mids)
-    plan = []
-    for subs in steps:
-        segs = []
-        for s, t, k, sing in subs:
-            (a_s, s_s, l_s), (a_t, s_t, l_t) = coef_of[s], coef_of[t]
-            h = l_t - l_s
-            if sing:  # DDIM: the limit of every update here at e^{-h} = 0
-                segs.append(_Seg(1, "data", add(s), -1, -1, (s_t / s_s, a_t - s_t * a_s / s_s)))
-            elif k == 1 and form == "noise":  # DPM-Solver-1 (Lu et al. 2022, eq. 3.7)
-                segs.append(_Seg(1, "noise", add(s), -1, -1, (a_t / a_s, -s_t * math.expm1(h))))
-            elif k == 1:  # DPM-Solver++(1) (Lu et al. 2022b, eq. 9 with k = 1)
-                segs.append(_Seg(1, "data", add(s), -1, -1, (s_t / s_s, -a_t * math.expm1(-h))))
-            elif k == 2:
-                t1 = next(mid_iter)
-                a1, s1, l1 = coef_of[t1]
-                h1 = l1 - l_s
-                r1 = h1 / h  # 1/2 up to the rounding of t_from_logsnr
-                if form == "noise":  # DPM-Solver-2 (Lu et al. 2022, Algorithm 1)
-                    B = -s_t * math.expm1(h)
-                    coef = (a1 / a_s, -s1 * math.expm1(h1), a_t / a_s, B, B / (2 * r1))
-                else:  # DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1)
-                    B = -a_t * math.expm1(-h)
-                    coef = (s1 / s_s, -a1 * math.expm1(-h1), s_t / s_s, B, B / (2 * r1))
-                segs.append(_Seg(2, form, add(s), add(t1), -1, coef))
-            elif k == 3 and form == "noise":  # DPM-Solver-3 (Lu et al. 2022, Algorithm 2)
-                t1, t2 = next(mid_iter), next(mid_iter)
-                (a1, s1, l1), (a2, s2, l2) = coef_of[t1], coef_of[t2]
-                h1, h2 = l1 - l_s, l2 - l_s
-                r1, r2 = h1 / h, h2 / h
-                coef = (
-                    a1 / a_s, -s1 * math.expm1(h1),
-                    a2 / a_s, -s2 * math.expm1(h2), -s2 * (r2 / r1) * (math.expm1(h2) / h2 - 1),
-                    a_t / a_s, -s_t * math.expm1(h), -s_t / r2 * (math.expm1(h) / h - 1),
-                )
-                segs.append(_Seg(3, "noise", add(s), add(t1), add(t2), coef))
-            else:
-                raise ValueError(f"no single-step update of order {k} in {form!r} form")
-        plan.append(segs)
-    return plan, table
+    c = schedule(torch.stack([s, t]))
+    (a_s, a_t), (s_s, s_t) = c.alpha.unbind(), c.sigma.unbind()
+    if singular:  # DDIM: the limit of every update here at e^{-h} = 0
+        return "data", (s,), (s_t / s_s, a_t - s_t * a_s / s_s)
+    lam_s, lam_t = _half_logsnr(schedule, torch.stack([s, t])).unbind()
+    h = lam_t - lam_s
+    if k == 1 and form == "noise":  # DPM-Solver-1 (Lu et al. 2022, eq. 3.7)
+        return "noise", (s,), (a_t / a_s, -s_t * torch.expm1(h))
+    if k == 1:  # DPM-Solver++(1) (Lu et al. 2022b, eq. 9 with k = 1)
+        return "data", (s,), (s_t / s_s, -a_t * torch.expm1(-h))
+    mids = schedule.t_from_logsnr(2 * torch.stack([lam_s + r * h for r in _FRACTIONS[k]]))
+    cm = schedule(mids)
+    lam_m = _half_logsnr(schedule, mids)
+    if k == 2:
+        a1, s1, h1 = cm.alpha[0], cm.sigma[0], lam_m[0] - lam_s
+        r1 = h1 / h  # 1/2 up to the rounding of t_from_logsnr
+        if form == "noise":  # DPM-Solver-2 (Lu et al. 2022, Algorithm 1)
+            B = -s_t * torch.expm1(h)
+            return "noise", (s, mids[0]), (a1 / a_s, -s1 * torch.expm1(h1), a_t / a_s, B, B / (2 * r1))
+        # DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1)
+        B = -a_t * torch.expm1(-h)
+        return "data", (s, mids[0]), (s1 / s_s, -a1 * torch.expm1(-h1), s_t / s_s, B, B / (2 * r1))
+    if k == 3 and form == "noise":  # DPM-Solver-3 (Lu et al. 2022, Algorithm 2)
+        (a1, a2), (s1, s2) = cm.alpha.unbind(), cm.sigma.unbind()
+        h1, h2 = lam_m[0] - lam_s, lam_m[1] - lam_s
+        r1, r2 = h1 / h, h2 / h
+        return "noise", (s, mids[0], mids[1]), (
+            a1 / a_s, -s1 * torch.expm1(h1),
+            a2 / a_s, -s2 * torch.expm1(h2), -s2 * (r2 / r1) * (torch.expm1(h2) / h2 - 1),
+            a_t / a_s, -s_t * torch.expm1(h), -s_t / r2 * (torch.expm1(h) / h - 1),
+        )
+    raise ValueError(f"no single-step update of order {k} in {form!r} form")
 
 
-def _single_step(denoiser, x_init, grid, order, form, cond, guidance, record):
-    plan, table = _single_step_plan(denoiser.schedule, grid, order, form)
-    g = grid.tolist()
-    predict = Predictor(denoiser, cond, guidance, times=table, reads=(form, "data"))
+def _single_step(denoiser, x_init, grid, order, form, cond, guidance, record, hook):
+    schedule = denoiser.schedule
+    predict = Predictor(denoiser, cond, guidance, record, hook)
+    points = schedule.points(grid)
+    ts = grid.unbind()
     x = x_init
-    for i, segs in enumerate(plan):
-        x_start, data = x, None
-        for seg in segs:
-            pred = predict(x, table[seg.i0])
-            if record is not None and data is None:
-                data = pred.data
-            c, kind = seg.coef, seg.reads
-            if seg.order == 1:  # x' = A x + B m0
-                x = pred.combine(x_t=c[0], **{kind: c[1]})
-            elif seg.order == 2:  # u = A1 x + B1 m0; x' = A x + (B - C) m0 + C m1
-                u = pred.combine(x_t=c[0], **{kind: c[1]})
-                rest = pred.combine(x_t=c[2], **{kind: c[3] - c[4]})
-                x = predict(u, table[seg.i1]).combine(plus=rest, **{kind: c[4]})
-            else:  # u2 = A2 x + (B2 - C2) m0 + C2 m1; x' = A x + (B - C) m0 + C m2
-                u1 = pred.combine(x_t=c[0], **{kind: c[1]})
-                rest = pred.combine(x_t=c[2], **{kind: c[3] - c[4]})
-                u2 = predict(u1, table[seg.i1]).combine(plus=rest, **{kind: c[4]})
-                rest = pred.combine(x_t=c[5], **{kind: c[6] - c[7]})
-                x = predict(u2, table[seg.i2]).combine(plus=rest, **{kind: c[7]})
-        if record is not None:
-            record.append(StepRecord(g[i], g[i + 1], x_start, x, data))
+    for i in range(len(ts) - 1):
+        x_start, first = x, None
+        for s, t, k, singular in _split(schedule, ts[i], ts[i + 1], order):
+            kind, times, c = _segment(schedule, s, t, k, singular, form)
+            at = schedule.points(torch.stack(times))
+            pred = predict(x, at[0])
+            first = first or pred
+            m0 = pred.as_kind(kind)
+            if k == 1 or singular:
+                x = c[0] * x + c[1] * m0
+            elif k == 2:
+                m1 = predict(c[0] * x + c[1] * m0, at[1]).as_kind(kind)
+                x = c[2] * x + c[3] * m0 + c[4] * (m1 - m0)
+            else:
+                m1 = predict(c[0] * x + c[1] * m0, at[1]).as_kind(kind)
+                m2 = predict(c[2] * x + c[3] * m0 + c[4] * (m1 - m0), at[2]).as_kind(kind)
+                x = c[5] * x + c[6] * m0 + c[7] * (m2 - m0)
+        x = predict.end_step(points[i], points[i + 1], x_start, x, first)
     return x
 
 
 @register("dpm_solver_1", order=1)
 def dpm_solver_1(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
-                 record=None):
+                 record=None, hook=None):
     """DPM-Solver-1 (Lu et al. 2022, eq. 3.7): ``x_t = (alpha_t/alpha_s) x_s - sigma_t
     (e^h - 1) eps_s``, first-order exponential integrator with noise prediction; equal to DDIM
     (eta = 0). Singular steps (alpha_s = 0 or sigma_t = 0) take the DDIM limit."""
-    return _single_step(denoiser, x_init, grid, 1, "noise", cond, guidance, record)
+    return _single_step(denoiser, x_init, grid, 1, "noise", cond, guidance, record, hook)
 
 
 @register("dpm_solver_2", order=2, evals_per_step=2)
 def dpm_solver_2(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
-                 record=None):
+                 record=None, hook=None):
     """DPM-Solver-2 (Lu et al. 2022, Algorithm 1, r1 = 1/2): single-step, noise prediction,
     2 evaluations per step (the second at lambda_s + h/2). See the module docstring for steps
     touching alpha = 0 or sigma = 0."""
-    return _single_step(denoiser, x_init, grid, 2, "noise", cond, guidance, record)
+    return _single_step(denoiser, x_init, grid, 2, "noise", cond, guidance, record, hook)
 
 
 @register("dpm_solver_3", order=3, evals_per_step=3)
 def dpm_solver_3(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
-                 record=None):
+                 record=None, hook=None):
     """DPM-Solver-3 (Lu et al. 2022, Algorithm 2, r1 = 1/3, r2 = 2/3): single-step, noise
     prediction, 3 evaluations per step. See the module docstring for singular steps."""
-    return _single_step(denoiser, x_init, grid, 3, "noise", cond, guidance, record)
+    return _single_step(denoiser, x_init, grid, 3, "noise", cond, guidance, record, hook)
 
 
 @register("dpmpp_2s", order=2, evals_per_step=2)
-def dpmpp_2s(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None):
+def dpmpp_2s(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
+             hook=None):
     """DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1, r = 1/2): single-step, data
     prediction, 2 evaluations per step: ``u = (sigma_u/sigma_s) x_s - alpha_u (e^{-h/2} - 1)
     x_hat_s``, ``x_t = (sigma_t/sigma_s) x_s - alpha_t (e^{-h} - 1) x_hat(u)``."""
-    return _single_step(denoiser, x_init, grid, 2, "data", cond, guidance, record)
+    return _single_step(denoiser, x_init, grid, 2, "data", cond, guidance, record, hook)
 
 
 # -- multistep solvers ------------------------------------------------------------------------
@@ -240,9 +189,10 @@ def _multistep_plan(schedule, grid, order: int, lower_order_final: bool):
     """Per step: ``(A, (c0, c1, c2)[:p])`` with ``x' = A x + sum_j c_j x_hat_{i-j}``."""
     if not isinstance(lower_order_final, bool):
         raise TypeError(f"lower_order_final must be a bool, got {lower_order_final!r}")
-    g = grid.tolist()
-    n = len(g) - 1
-    alpha, sigma, lam = _coeffs(schedule, g)
+    n = len(grid) - 1
+    c = schedule(grid)
+    alpha, sigma = c.alpha.unbind(), c.sigma.unbind()
+    lam = _half_logsnr(schedule, grid).unbind()
     first_finite = next((i for i, v in enumerate(lam) if v >= -LAMBDA_LIMIT), n)
     plan = []
     for i in range(n):
@@ -256,7 +206,7 @@ def _multistep_plan(schedule, grid, order: int, lower_order_final: bool):
             p = min(p, n - i)  # last step order 1, the one before at most 2 (as diffusers)
         h = l_t - l_s
         A = s_t / s_s
-        phi1 = math.expm1(-h)
+        phi1 = torch.expm1(-h)
         B = -a_t * phi1  # DPM-Solver++(1)
         if p == 1:
             plan.append((A, (B,)))
@@ -281,57 +231,32 @@ def _multistep_plan(schedule, grid, order: int, lower_order_final: bool):
     return plan
 
 
-def _multistep(denoiser, x_init, grid, order, lower_order_final, cond, guidance, record):
+def _multistep(denoiser, x_init, grid, order, lower_order_final, cond, guidance, record, hook):
     plan = _multistep_plan(denoiser.schedule, grid, order, lower_order_final)
-    g = grid.tolist()
-    predict = Predictor(denoiser, cond, guidance, times=g, reads=("data",))
-    # ahead[k] = sum_{j >= 1} c_j x_hat_{k-j}, the part of step k's update that earlier
-    # evaluations give: each x_hat_i is added to the sums of the later steps that use it as soon
-    # as it is known (x_hat is linear in the network output and x: read for one use straight
-    # from those, two tensor operations; formed once, also two, when several steps use it)
-    ahead: list[torch.Tensor | None] = [None] * len(plan)
-    uses = _later_uses(plan)
-    x = x_init
-    for i, (A, c) in enumerate(plan):
-        pred = predict(x, g[i])
-        x_next = pred.combine(x_t=A, data=c[0], plus=ahead[i])  # x' = A x + sum_j c_j x_hat_{i-j}
-        ahead[i] = None
-        if len(uses[i]) == 1:
-            k, w = uses[i][0]
-            ahead[k] = pred.combine(data=w, plus=ahead[k])
-        elif uses[i]:
-            data = pred.data
-            for k, w in uses[i]:
-                ahead[k] = scale(data, w) if ahead[k] is None else torch.add(ahead[k], data, alpha=w)
-        if record is not None:
-            record.append(StepRecord(g[i], g[i + 1], x, x_next, pred.data))
-        x = x_next
+    predict = Predictor(denoiser, cond, guidance, record, hook)
+    points = denoiser.schedule.points(grid)
+    x, history = x_init, []  # data predictions, newest first
+    for i, (A, weights) in enumerate(plan):
+        pred = predict(x, points[i])
+        history = [pred.data, *history][:order]
+        x_next = A * x + linear_combination(weights, history)  # x' = A x + sum_j c_j x_hat_{i-j}
+        x = predict.end_step(points[i], points[i + 1], x, x_next, pred)
     return x
 
 
-def _later_uses(plan) -> list[list[tuple[int, float]]]:
-    """Per step ``i`` of a multistep plan, ``(k, c_j)`` for each later step ``k = i + j`` whose
-    update has the term ``c_j x_hat_i`` (``len(c)`` is step k's order)."""
-    uses: list[list[tuple[int, float]]] = [[] for _ in plan]
-    for k, (_, c) in enumerate(plan):
-        for j in range(1, len(c)):
-            uses[k - j].append((k, c[j]))
-    return uses
-
-
-@register("dpmpp_2m", order=2)
+@register("dpmpp_2m", order=2, history=True)
 def dpmpp_2m(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
-             lower_order_final: bool = True):
+             hook=None, lower_order_final: bool = True):
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep, data prediction, one
     evaluation per step: ``x_t = (sigma_t/sigma_s) x_s - alpha_t (e^{-h} - 1) D`` with
     ``D = (1 + 1/(2r)) x_hat_s - 1/(2r) x_hat_prev``, ``r = h_prev / h``. First step order 1;
     ``lower_order_final`` as in the module docstring."""
-    return _multistep(denoiser, x_init, grid, 2, lower_order_final, cond, guidance, record)
+    return _multistep(denoiser, x_init, grid, 2, lower_order_final, cond, guidance, record, hook)
 
 
-@register("dpmpp_3m", order=3)
+@register("dpmpp_3m", order=3, history=True)
 def dpmpp_3m(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
-             lower_order_final: bool = True):
+             hook=None, lower_order_final: bool = True):
     """DPM-Solver++(3M) (Lu et al. 2022b, sec. 4 multistep of order 3): data prediction, one
     evaluation per step, ``x_hat`` extrapolated quadratically in lambda from the last three
     evaluations and the exponential integrals ``phi_1, phi_2, phi_3`` taken exactly. Warm-up
@@ -340,5 +265,5 @@ def dpmpp_3m(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None
     Note: with ``D2 = (D1_0 - D1_1) / (r0 + r1) ~ h^2 x_hat'' / 2`` the third-order term is
     ``-2 alpha_t phi_3 D2``; the weight ``-alpha_t phi_3`` found in widely used
     implementations (DPM-Solver's and diffusers' ``multistep_dpm_solver_third_order_update``)
-    halves it and measures as order 2 (see tests/test_solvers_dpm.py)."""
-    return _multistep(denoiser, x_init, grid, 3, lower_order_final, cond, guidance, record)
+    halves it and measures as order 2 (see tests/solvers/test_dpm.py)."""
+    return _multistep(denoiser, x_init, grid, 3, lower_order_final, cond, guidance, record, hook)

@@ -82,7 +82,7 @@ import torch
 from ..errors import UserError
 from ..fileio import atomic_write_bytes
 from ..schedules import get_schedule
-from .dpm import LAMBDA_LIMIT, _coeffs, _singular
+from .dpm import LAMBDA_LIMIT
 from .registry import Predictor, StepRecord, register
 
 __all__ = ["EMS", "compute_ems", "dpm_solver_v3", "FORMAT_VERSION"]
@@ -569,6 +569,10 @@ def _as_ems(ems) -> EMS:
     raise TypeError(f"ems must be an EMS or a path to one, got {type(ems).__name__}")
 
 
+def _singular(lam_s: float, lam_t: float) -> bool:
+    return not (lam_s >= -LAMBDA_LIMIT and lam_t <= LAMBDA_LIMIT)
+
+
 def _plan(ems: EMS, schedule, grid, order, use_corrector, predictor_pseudo, corrector_pseudo,
           lower_order_final):
     """Per step a :class:`_Step` (numpy float64 coefficients) and per evaluated grid point
@@ -576,7 +580,8 @@ def _plan(ems: EMS, schedule, grid, order, use_corrector, predictor_pseudo, corr
     stats = _Stats(ems)
     g = grid.tolist()
     n = len(g) - 1
-    alpha, sigma, lam = _coeffs(schedule, g)
+    c = schedule(grid)
+    alpha, sigma, lam = c.alpha.tolist(), c.sigma.tolist(), (0.5 * schedule.logsnr(grid)).tolist()
     first_finite = next((i for i, v in enumerate(lam) if v >= -LAMBDA_LIMIT), n)
     steps, needed = [], set()
     for i in range(n):
@@ -609,9 +614,9 @@ def _check_flag(name, v):
         raise TypeError(f"dpm_solver_v3: {name} must be a bool, got {v!r}")
 
 
-@register("dpm_solver_v3", order=3)
+@register("dpm_solver_v3", order=3, history=True, differentiable=False)
 def dpm_solver_v3(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
-                  record=None, ems=None, order: int = 3, use_corrector: bool = True,
+                  record=None, hook=None, ems=None, order: int = 3, use_corrector: bool = True,
                   predictor_pseudo: bool = False, corrector_pseudo: bool = False,
                   lower_order_final: bool = True):
     """DPM-Solver-v3 (Zheng et al. 2023, NeurIPS; eqs. 4-9, sec. 3.2-3.3): multistep
@@ -625,6 +630,9 @@ def dpm_solver_v3(denoiser, x_init, grid, *, cond=None, guidance=None, generator
     global order at 2 as steps grow). Steps from alpha = 0 or to
     sigma = 0 take the DDIM limit (module docstring)."""
     stats = _as_ems(ems)
+    if hook is not None:
+        raise ValueError("dpm_solver_v3 corrects each step after the next evaluation; a step "
+                         "hook needs another solver")
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
         raise ValueError(f"dpm_solver_v3: order must be an int in [1, 3], got {order!r}")
     for name, v in (("use_corrector", use_corrector), ("predictor_pseudo", predictor_pseudo),
@@ -657,11 +665,12 @@ def dpm_solver_v3(denoiser, x_init, grid, *, cond=None, guidance=None, generator
                            tens(st.c), corr))
 
     g = grid.tolist()
-    predict = Predictor(denoiser, cond, guidance, times=g)
+    points = denoiser.schedule.points(grid)
+    predict = Predictor(denoiser, cond, guidance)
     fs: dict[int, torch.Tensor] = {}
     x, x_prev = x_init, None
     for i, st in enumerate(steps):
-        pred = predict(x, g[i])
+        pred = predict(x, points[i])
         x_hat = pred.data
         if i in u_t:
             fs[i] = torch.addcmul(-x_hat, u_t[i], x)
@@ -675,7 +684,7 @@ def dpm_solver_v3(denoiser, x_init, grid, *, cond=None, guidance=None, generator
             x = x_new
             if record is not None:
                 record[-1].x_next = x
-        if st.kind == "ddim":  # on the (possibly corrected) x, so not pred.combine
+        if st.kind == "ddim":  # on the (possibly corrected) x
             x_next = torch.add(x * st.A, x_hat, alpha=st.B)
         else:
             x_next = torch.addcmul(st.c, st.A, x)

@@ -1,19 +1,19 @@
 """Guidance: combine denoiser evaluations into a steered prediction.
 
-A guidance object is called as ``guidance(denoiser, x_t, t, cond, coeffs=None, time=None)
--> Prediction``; solvers pass the schedule's precomputed scalar ``coeffs`` at ``t`` and the time
-as a python float ``time`` (no device read needed). Combinations
+A guidance object is called as ``guidance(denoiser, x_t, t, cond) -> Prediction``, with ``t`` as
+a denoiser takes it (a solver's :class:`~tiltflow.schedules.GridPoint`, or a ``[B]`` tensor).
+Combinations
 act on the hub pair ``(x_hat, eps_hat)``; since each prediction satisfies
 ``x_t = alpha x_hat + sigma eps_hat`` and the weights sum to one, so does the combination.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
+from ..denoiser import as_time, batch_time
 from ..predictions import Prediction
+from ..schedules import Coeffs, GridPoint
 
 __all__ = ["ClassifierFree", "ClassifierGuidance", "TwoModel", "as_guidance"]
 
@@ -36,25 +36,27 @@ class ClassifierFree:
                 raise ValueError(f"guidance interval must satisfy 0 <= lo <= hi <= 1, got {interval}")
         self.interval = interval
 
-    def _active(self, t: torch.Tensor, time: float | None) -> bool:
+    def _active(self, t) -> bool:
         if self.interval is None:
             return True
         lo, hi = self.interval
-        # solvers pass the grid time as a float; otherwise read it (a device sync on GPU)
-        return lo <= (time if time is not None else float(t[0])) <= hi
+        # a solver's grid point is on the host; a [B] tensor is read (a device sync on GPU)
+        return lo <= float(t if not torch.is_tensor(t) else t.reshape(-1)[0]) <= hi
 
-    def __call__(self, denoiser, x_t, t, cond, coeffs=None, time=None) -> Prediction:
+    def __call__(self, denoiser, x_t, t, cond) -> Prediction:
         if cond is None:
             raise ValueError("classifier-free guidance needs `cond` (labels); got cond=None")
-        if self.scale == 0.0 or not self._active(t, time):
-            return denoiser(x_t, t, cond, coeffs=coeffs)
+        if self.scale == 0.0 or not self._active(t):
+            return denoiser(x_t, t, cond)
         null = torch.full_like(cond, -1)
-        both = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null]),
-                        coeffs=coeffs)
+        if not isinstance(t, GridPoint):
+            t = as_time(t, x_t)
+            t = torch.cat([t, t])
+        both = denoiser(torch.cat([x_t, x_t]), t, torch.cat([cond, null]))
         (xc, xu), (ec, eu) = both.data.chunk(2), both.noise.chunk(2)
         w = self.scale
-        coeffs = coeffs if coeffs is not None else denoiser.schedule(t).expand(x_t)
-        return Prediction.from_hub(xc + w * (xc - xu), ec + w * (ec - eu), x_t, coeffs)
+        c = Coeffs(*(v if v.dim() == 0 else v[: len(x_t)] for v in both.coeffs.as_tuple()))
+        return Prediction.from_hub(xc + w * (xc - xu), ec + w * (ec - eu), x_t, c)
 
 
 class ClassifierGuidance:
@@ -81,22 +83,20 @@ class ClassifierGuidance:
         logits = self.classifier(x_t, t)
         return torch.log_softmax(logits, -1).gather(1, cond.long()[:, None]).squeeze(1)
 
-    def __call__(self, denoiser, x_t, t, cond, coeffs=None, time=None) -> Prediction:
-        pred = denoiser(x_t, t, cond if self.classifier is None else None, coeffs=coeffs)
+    def __call__(self, denoiser, x_t, t, cond) -> Prediction:
+        pred = denoiser(x_t, t, cond if self.classifier is None else None)
         if self.scale == 0.0:
             return pred
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self._log_prob(x, t, cond).sum(), x)
+            t_batch = batch_time(t, x_t).to(x_t.dtype)
+            (grad,) = torch.autograd.grad(self._log_prob(x, t_batch, cond).sum(), x)
         c = pred.coeffs
         x_hat, eps = pred.hub
         step = self.scale * c.sigma * grad
         # At alpha = 0 (pure noise) x_t carries no information: grad = 0 and the data
         # correction sigma/alpha * step is 0 * inf; its limit is not computable there, use 0.
-        if torch.is_tensor(c.alpha):
-            ratio = torch.where(c.alpha > 0, c.sigma / c.alpha, torch.zeros_like(c.alpha))
-        else:
-            ratio = c.sigma / c.alpha if c.alpha > 0 else 0.0
+        ratio = torch.where(c.alpha > 0, c.sigma / c.alpha, torch.zeros_like(c.alpha))
         return Prediction.from_hub(x_hat + ratio * step, eps - step, x_t, c)
 
 
@@ -109,11 +109,11 @@ class TwoModel:
     def __init__(self, negative, scale: float):
         self.negative, self.scale = negative, float(scale)
 
-    def __call__(self, denoiser, x_t, t, cond, coeffs=None, time=None) -> Prediction:
+    def __call__(self, denoiser, x_t, t, cond) -> Prediction:
         neg = self.negative
         if neg.schedule is not denoiser.schedule and neg.schedule.config() != denoiser.schedule.config():
             neg = neg.with_schedule(denoiser.schedule)
-        pos = denoiser(x_t, t, cond, coeffs=coeffs)
+        pos = denoiser(x_t, t, cond)
         if self.scale == 0.0:
             return pos
         (xp, ep), (xn, en) = pos.hub, neg(x_t, t, cond).hub
@@ -129,11 +129,4 @@ def as_guidance(guidance):
         return ClassifierFree(float(guidance))
     if not callable(guidance):
         raise TypeError(f"guidance must be None, a number (CFG scale) or callable, got {guidance!r}")
-    try:
-        params = inspect.signature(guidance).parameters
-    except (TypeError, ValueError):
-        return guidance
-    if "coeffs" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return guidance
-    # a plain guidance(denoiser, x_t, t, cond) callable: drop the solver's extras
-    return lambda denoiser, x_t, t, cond, coeffs=None, time=None: guidance(denoiser, x_t, t, cond)
+    return guidance

@@ -1,8 +1,9 @@
 """Multistep exponential-integrator samplers: UniPC, DEIS and iPNDM (one evaluation per step).
 
 Each reuses the model outputs of earlier steps to raise its order instead of spending extra
-evaluations. All weights are computed in float64 from the grid before the loop (a plan of
-python floats per step); the loop only forms linear combinations of stored predictions.
+evaluations. All weights are computed in float64 from the grid before the loop (torch operations,
+differentiable in the grid, vectorized over the steps); the loop only forms linear
+combinations of stored predictions.
 
 Endpoints (``lam = log(alpha / sigma)``, half the log-SNR):
 
@@ -32,10 +33,11 @@ import math
 import numpy as np
 import torch
 
-from ..predictions import scale
-from .registry import Predictor, StepRecord, register
+from .registry import Predictor, linear_combination, register
 
 __all__ = ["unipc", "unipc_p", "deis", "ipndm"]
+
+_F64 = torch.float64
 
 
 def _check_order(name: str, order, lo: int, hi: int) -> int:
@@ -44,61 +46,15 @@ def _check_order(name: str, order, lo: int, hi: int) -> int:
     return order
 
 
-def _alpha_sigma(denoiser, grid: torch.Tensor) -> tuple[list[float], list[float]]:
-    c = denoiser.schedule(grid.to(torch.float64))
-    return c.alpha.to(torch.float64).tolist(), c.sigma.to(torch.float64).tolist()
-
-
 # alpha/sigma below this counts as pure noise (lam = -inf): cosine's alpha(1) = cos(pi/2) is
 # 6e-17 in float64, and the exact step from there differs from its alpha = 0 limit by O(alpha)
 _PURE_NOISE = 1e-10
 
 
-def _pure_noise(a: float, s: float) -> bool:
-    return a <= _PURE_NOISE * s
-
-
-def _half_logsnr(a: float, s: float) -> float:
-    if _pure_noise(a, s):
-        return -math.inf
-    if s <= 0:
-        return math.inf
-    return math.log(a) - math.log(s)
-
-
-def _combine(coefs, tensors, out=None):
-    """``out + sum_k coefs[k] * tensors[k]`` as a fresh tensor (python-float weights, zero
-    weights skipped; extra tensors unused; ``out`` itself is left unchanged), one fused
-    multiply-add per term: the first makes a new tensor, the others add into it in place."""
-    fresh = False
-    for c, v in zip(coefs, tensors, strict=False):
-        if c == 0.0:
-            continue
-        if fresh:
-            out.add_(v, alpha=c)
-        else:
-            out = scale(v, c) if out is None else torch.add(out, v, alpha=c)
-            fresh = True
-    return out
-
-
-def _solve_vandermonde(nodes: list, b: list) -> list:
-    """Solve ``sum_k nodes[k]**i a_k = b_i`` (``i < n``, distinct nodes) with the O(n^2)
-    Björck–Pereyra algorithm (Golub & Van Loan, Algorithm 4.6.2): for the 1-3 unknowns of
-    UniPC a few float operations, where ``np.linalg.solve``'s call overhead alone would cost
-    more than a sampling step. Entries may be floats or numpy arrays (one system per element,
-    all steps of a plan at once); never updated in place, so ``b`` is left unchanged."""
-    n = len(nodes)
-    a = list(b)
-    for k in range(n - 1):
-        for i in range(n - 1, k, -1):
-            a[i] = a[i] - nodes[k] * a[i - 1]
-    for k in range(n - 2, -1, -1):
-        for i in range(k + 1, n):
-            a[i] = a[i] / (nodes[i] - nodes[i - k - 1])
-        for i in range(k, n - 1):
-            a[i] = a[i] - a[i + 1]
-    return a
+def _half_logsnr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``log(alpha / sigma)``, -inf at (numerical) pure noise and +inf at sigma = 0."""
+    lam = torch.log(alpha) - torch.log(sigma)
+    return torch.where(alpha <= _PURE_NOISE * sigma, torch.full_like(lam, -math.inf), lam)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,10 +62,11 @@ def _solve_vandermonde(nodes: list, b: list) -> list:
 # ----------------------------------------------------------------------------------------------
 
 
-def _unipc_step_plan(a_t, s_t, s_s, lams, t_lam, p, variant, corrector):
-    """Weights of one UniPC step from ``s`` (history ``lams[0] = lam_s, lams[1], ...``, newest
+def _unipc_weights(a_t, s_t, s_s, lams, lam_t, p, variant, corrector):
+    """Weights of UniPC steps from ``s`` (history ``lams[0] = lam_s, lams[1], ...``, newest
     first) to ``t``: returns ``(c_x, pred_w, corr_w)`` with ``x_pred = c_x x + sum pred_w[k]
-    m[k]`` and ``x_corr = c_x x + sum corr_w[k] m[k] + corr_w[-1] m_new``.
+    m[k]`` and ``x_corr = c_x x + sum corr_w[k] m[k] + corr_w[-1] m_new``. Every argument but
+    ``p``, ``variant`` and ``corrector`` is a ``[rows]`` tensor: all steps of one shape at once.
 
     Zhao et al. 2023, data prediction: eq. (7)/(8) with ``x~ = sigma_t/sigma_s x_s -
     alpha_t h phi_1(-h) m_s`` (UniPC's ``h_phi_1 = expm1(-h)``), UniP-p adds
@@ -119,38 +76,29 @@ def _unipc_step_plan(a_t, s_t, s_s, lams, t_lam, p, variant, corrector):
     Vandermonde matrix of the ``r_k``, ``g_k = k! h phi_{k+1}(-h)``-type terms from the
     recursion ``phi_{k+1} = (phi_k - 1/k!) / (-h)``, Algorithms 2-3 in data-prediction form),
     except ``a = 1/2`` for UniP-2 and UniC-1 (the paper's choice).
-
-    Every argument but ``p``, ``variant`` and ``corrector`` may be a numpy array: the weights
-    of all steps of one shape (``p``, corrector or not, out of pure noise or not) in one call.
     """
     lam_s = lams[0]
-    if np.all(lam_s == -math.inf):
+    c_x = s_t / s_s
+    if bool((lam_s == -math.inf).all()):
         # infinite step out of pure noise: e^{-h} = 0, h phi_1 = -1, and bh2's B(h) -> -1 (bh1's
         # B(h) = -h is infinite, so both variants use this limit). UniC-1 with a = 1/2 then
         # averages the two data predictions: x' = x_ + alpha_t (m_s + m_new) / 2 - alpha_t m_s.
-        c_x = s_t / s_s
-        pred_w = [a_t]
-        corr_w = [0.5 * a_t, 0.5 * a_t] if corrector else None
-        return c_x, pred_w, corr_w
-    h = t_lam - lam_s
+        return c_x, [a_t], [0.5 * a_t, 0.5 * a_t] if corrector else None
+    h = lam_t - lam_s
     hh = -h
-    h_phi_1 = np.expm1(hh)
-    c_x = s_t / s_s
+    h_phi_1 = torch.expm1(hh)
     base = -a_t * h_phi_1  # weight of m_s in x~
     b_h = hh if variant == "bh1" else h_phi_1
-    rks = [(lams[k] - lam_s) / h for k in range(1, p)] + [1.0]
-    # R[i][k] = r_k^i (Vandermonde in the r_k), b[i] = h phi_{i+2}-type term * (i+1)! / B(h)
-    b = [0.0] * p
-    h_phi_k = h_phi_1 / hh - 1.0
-    fact = 1.0
+    rks = [(lams[k] - lam_s) / h for k in range(1, p)] + [torch.ones_like(h)]
+    # b[i] = h phi_{i+2}-type term * (i+1)! / B(h), the right-hand side of R a = b
+    b, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
     for i in range(p):
-        b[i] = h_phi_k * fact / b_h
+        b.append(h_phi_k * fact / b_h)
         fact *= i + 2
         h_phi_k = h_phi_k / hh - 1.0 / fact
     coef = -a_t * b_h
-    # predictor (UniP-p): uses the p - 1 older points
     pred_w = [base]
-    if p >= 2:
+    if p >= 2:  # UniP-p: uses the p - 1 older points
         rhos_p = [0.5] if p == 2 else _solve_vandermonde(rks[: p - 1], b[: p - 1])
         pred_w = _plus_differences(base, coef, rhos_p, rks)
     corr_w = None
@@ -160,6 +108,12 @@ def _unipc_step_plan(a_t, s_t, s_s, lams, t_lam, p, variant, corrector):
     return c_x, pred_w, corr_w
 
 
+def _solve_vandermonde(nodes: list, rhs: list) -> list:
+    """``a`` with ``sum_k nodes[k]**i a_k = rhs[i]`` (``[rows]`` tensors; one system a row)."""
+    matrix = torch.stack([torch.stack([r**i for r in nodes], -1) for i in range(len(nodes))], -2)
+    return list(torch.linalg.solve(matrix, torch.stack(rhs, -1)).unbind(-1))
+
+
 def _plus_differences(base, coef, rhos, rks):
     """Weights of ``m_s, m_1, m_2, ...`` in ``base m_s + coef sum_k rhos_k D_k / r_k`` with
     ``D_k = m_k - m_s`` (``zip`` stops at the shorter of ``rhos``, ``rks``)."""
@@ -167,86 +121,74 @@ def _plus_differences(base, coef, rhos, rks):
     for rho, r in zip(rhos, rks):  # noqa: B905 - the predictor uses only the first p - 1 r_k
         d = coef * rho / r
         w.append(d)
-        w[0] = w[0] - d  # not in place: ``base`` may be an array the caller reuses
+        w[0] = w[0] - d
     return w
 
 
 def _unipc_plan(denoiser, grid, order, variant, use_corrector, lower_order_final):
-    """Per step ``(c_x, pred_w, corr_w)`` of :func:`_unipc_step_plan`, as python floats."""
-    alpha, sigma = _alpha_sigma(denoiser, grid)
-    lam = [_half_logsnr(a, s) for a, s in zip(alpha, sigma, strict=True)]
+    """Per step ``(c_x, pred_w, corr_w)`` of :func:`_unipc_weights` (0-d tensors)."""
+    c = denoiser.schedule(grid)
+    alpha, sigma = c.alpha, c.sigma
+    lam = _half_logsnr(alpha, sigma)
+    finite = (lam > -math.inf).tolist()
     steps = len(grid) - 1
     plan: list = [None] * steps
     shapes: dict[tuple, list[int]] = {}  # (p, corrector, out of pure noise) -> steps
     for i in range(steps):
-        if sigma[i + 1] == 0.0:
+        if sigma[i + 1] == 0:
             # step to sigma = 0 (lam = +inf): the limiting first-order step x' = alpha_t x_hat
-            plan[i] = (0.0, [alpha[i + 1]], None)
+            plan[i] = (torch.zeros((), dtype=_F64), [alpha[i + 1]], None)
             continue
         # history points with finite lam, newest first (a lam = -inf point drops out of the
         # higher-order terms in the limit: its divided difference D_k / r_k -> 0)
         p = 1
-        while p < min(order, i + 1) and lam[i - p] > -math.inf:
+        while p < min(order, i + 1) and finite[i - p]:
             p += 1
         if lower_order_final and steps < 10:
             p = min(p, steps - i)
         corrector = use_corrector and i < steps - 1
-        shapes.setdefault((p, corrector, lam[i] == -math.inf), []).append(i)
+        shapes.setdefault((p, corrector, not finite[i]), []).append(i)
     # the steps of one shape share one vectorized evaluation of the step formulas
-    a, s, lam_a = np.array(alpha), np.array(sigma), np.array(lam)
     for (p, corrector, _), rows in shapes.items():
-        i = np.array(rows)
-        c_x, pred_w, corr_w = _unipc_step_plan(a[i + 1], s[i + 1], s[i],
-                                               [lam_a[i - k] for k in range(p)], lam_a[i + 1],
-                                               p, variant, corrector)
-        n = len(rows)
-        pred_rows = zip(*(_floats(w, n) for w in pred_w), strict=True)
-        corr_rows = zip(*(_floats(w, n) for w in corr_w), strict=True) if corrector else [None] * n
-        plan_rows = zip(rows, _floats(c_x, n), pred_rows, corr_rows, strict=True)
-        for step, *weights in plan_rows:
-            plan[step] = tuple(weights)
+        i = torch.tensor(rows)
+        c_x, pred_w, corr_w = _unipc_weights(alpha[i + 1], sigma[i + 1], sigma[i],
+                                             [lam[i - k] for k in range(p)], lam[i + 1],
+                                             p, variant, corrector)
+        for n, step in enumerate(rows):
+            plan[step] = (c_x[n], [w[n] for w in pred_w],
+                          [w[n] for w in corr_w] if corrector else None)
     return plan
 
 
-def _floats(v, n: int) -> list[float]:
-    """A scalar or ``[n]`` array of per-step values as ``n`` python floats."""
-    return np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)).tolist()
-
-
-def _run_unipc(denoiser, x_init, grid, cond, guidance, record, order, variant, use_corrector,
-               lower_order_final):
+def _run_unipc(denoiser, x_init, grid, cond, guidance, record, hook, order, variant,
+               use_corrector, lower_order_final):
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unipc: variant must be 'bh1' or 'bh2', got {variant!r}")
     plan = _unipc_plan(denoiser, grid, order, variant, use_corrector, lower_order_final)
-    predict = Predictor(denoiser, cond, guidance, times=grid, reads=("data",))
-    ts = grid.tolist()
+    predict = Predictor(denoiser, cond, guidance, record, hook)
+    points = denoiser.schedule.points(grid)
     x = x_init
-    hist: list[torch.Tensor] = []  # data predictions, newest first
-    pending = None  # model output at the current x (from the previous corrector)
+    history: list[torch.Tensor] = []  # data predictions, newest first
+    pred = None  # the model at the current x (from the previous step's corrector)
     for i, (c_x, pred_w, corr_w) in enumerate(plan):
-        if pending is None:
-            pending = predict(x, ts[i]).data
-        hist = [pending, *hist][: max(order, 1)]
-        data = pending
-        pending = None
-        if corr_w is None:
-            x_next = _combine([c_x, *pred_w], [x, *hist])
-        else:
-            # UniC: the model at the predicted point corrects this step and is reused by the
-            # next; both updates share the term c_x x
-            x_scaled = scale(x, c_x)
-            x_pred = _combine(pred_w, hist, x_scaled)
-            pending = predict(x_pred, ts[i + 1]).data
-            x_next = _combine(corr_w, [*hist[: len(corr_w) - 1], pending], x_scaled)
-        if record is not None:
-            record.append(StepRecord(ts[i], ts[i + 1], x, x_next, data))
-        x = x_next
+        if pred is None:
+            pred = predict(x, points[i])
+        history = [pred.data, *history][: max(order, 1)]
+        x_next = c_x * x + linear_combination(pred_w, history)  # UniP
+        first, pred = pred, None
+        if corr_w is not None:
+            # UniC: the model at the predicted point corrects this step and is the next
+            # step's model output (no extra evaluation)
+            pred = predict(x_next, points[i + 1])
+            x_next = (c_x * x + linear_combination(corr_w[:-1], history)
+                      + corr_w[-1] * pred.data)
+        x = predict.end_step(points[i], points[i + 1], x, x_next, first)
     return x
 
 
-@register("unipc", order=3)
+@register("unipc", order=3, history=True)
 def unipc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
-          order: int = 2, variant: str = "bh2", lower_order_final: bool = True):
+          hook=None, order: int = 2, variant: str = "bh2", lower_order_final: bool = True):
     """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling
     of Diffusion Models"): UniP-p predictor + UniC-p corrector, data prediction, multistep.
 
@@ -265,18 +207,18 @@ def unipc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, r
     predictions. See the module docstring.
     """
     order = _check_order("unipc", order, 1, 3)
-    return _run_unipc(denoiser, x_init, grid, cond, guidance, record, order, variant, True,
+    return _run_unipc(denoiser, x_init, grid, cond, guidance, record, hook, order, variant, True,
                       lower_order_final)
 
 
-@register("unipc_p", order=2)
+@register("unipc_p", order=2, history=True)
 def unipc_p(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
-            order: int = 2, variant: str = "bh2", lower_order_final: bool = True):
+            hook=None, order: int = 2, variant: str = "bh2", lower_order_final: bool = True):
     """UniP-p alone (Zhao et al. 2023, eq. (7)): UniPC's multistep predictor without the
     corrector, order p = ``order`` (1-3); nfe = steps. Options as in :func:`unipc`."""
     order = _check_order("unipc_p", order, 1, 3)
-    return _run_unipc(denoiser, x_init, grid, cond, guidance, record, order, variant, False,
-                      lower_order_final)
+    return _run_unipc(denoiser, x_init, grid, cond, guidance, record, hook, order, variant,
+                      False, lower_order_final)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,12 +228,13 @@ def unipc_p(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
 _QUAD_NODES = 48
 
 
-def _deis_nodes() -> tuple[np.ndarray, np.ndarray]:
+def _deis_nodes() -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss-Legendre nodes in ``theta in (0, pi)`` of the DEIS integrals: weights ``w`` with
     ``d tau = (t_s - t_t) w`` and ramps ``(1 - cos theta) / 2`` (``tau = t_t + (t_s - t_t) ramp``)."""
     nodes, weights = np.polynomial.legendre.leggauss(_QUAD_NODES)
     theta = (nodes + 1) * (math.pi / 2)
-    return weights * (math.pi / 2) * np.sin(theta) / 2, (1 - np.cos(theta)) / 2
+    w, ramp = weights * (math.pi / 2) * np.sin(theta) / 2, (1 - np.cos(theta)) / 2
+    return torch.from_numpy(w), torch.from_numpy(ramp)
 
 
 def _deis_plan(denoiser, grid, order, lower_order_final):
@@ -307,43 +250,37 @@ def _deis_plan(denoiser, grid, order, lower_order_final):
     with ``tau = t_t + (t_s - t_t)(1 - cos theta)/2``, which also absorbs the integrable
     ``1/sqrt(t)`` singularity of VP schedules at ``t = 0``.
     """
-    g = grid.to(torch.float64)
-    alpha, sigma = _alpha_sigma(denoiser, g)
-    times = g.tolist()
-    steps = len(times) - 1
-    w_theta, ramp = _deis_nodes()
-    t_s, t_t = g[:-1].numpy(), g[1:].numpy()
-    taus = t_t[:, None] + (t_s - t_t)[:, None] * ramp[None, :]  # [steps, nodes]
-    c = denoiser.schedule(torch.from_numpy(taus))
-    a, s = c.alpha.to(torch.float64).numpy(), c.sigma.to(torch.float64).numpy()
-    da, ds = c.d_alpha.to(torch.float64).numpy(), c.d_sigma.to(torch.float64).numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        drho = (a * ds - s * da) / (a * a)  # d(sigma/alpha)/dtau at the nodes
+    steps = len(grid) - 1
     final_cap = lower_order_final and steps < 10
     orders = [min(order, i + 1, steps - i) if final_cap else min(order, i + 1) for i in range(steps)]
-    plan = [[0.0] * p for p in orders]
+    alpha = denoiser.schedule(grid).alpha
+    zero = torch.zeros((), dtype=_F64)
+    plan = [[zero] * p for p in orders]
     # p = 1 is DDIM (also the step out of alpha = 0, where (sigma/alpha)' = inf); the steps of
     # each higher order p are integrated together, vectorized over steps
-    t_all, a_next = g.numpy(), np.array(alpha[1:])
+    w_theta, ramp = _deis_nodes()
     for p in sorted(set(orders) - {1}):
-        rows = np.array([i for i, q in enumerate(orders) if q == p])
-        pts = t_all[rows[:, None] - np.arange(p)]  # [rows, p]: times[i - k], newest first
-        tau = taus[rows]
+        rows = torch.tensor([i for i, q in enumerate(orders) if q == p])
+        t_s, t_t = grid[rows], grid[rows + 1]
+        tau = t_t[:, None] + (t_s - t_t)[:, None] * ramp  # [rows, nodes]
+        c = denoiser.schedule(tau)
+        drho = (c.alpha * c.d_sigma - c.sigma * c.d_alpha) / c.alpha**2  # d(sigma/alpha)/dtau
+        pts = grid[rows[:, None] - torch.arange(p)]  # [rows, p]: times[i - k], newest first
         for j in range(p):
-            lag = np.ones_like(tau)
+            lag = torch.ones_like(tau)
             for k in range(p):
                 if k != j:
-                    lag *= (tau - pts[:, k, None]) / (pts[:, j, None] - pts[:, k, None])
+                    lag = lag * (tau - pts[:, k, None]) / (pts[:, j, None] - pts[:, k, None])
             basis = lag - (1.0 if j == 0 else 0.0)
-            integral = -(t_s[rows] - t_t[rows]) * np.sum(w_theta * drho[rows] * basis, axis=1)
-            for i, v in zip(rows.tolist(), (a_next[rows] * integral).tolist(), strict=True):
-                plan[i][j] = v
-    return alpha, sigma, plan
+            integral = -(t_s - t_t) * (w_theta * drho * basis).sum(1)
+            for n, i in enumerate(rows.tolist()):
+                plan[i][j] = alpha[i + 1] * integral[n]
+    return plan
 
 
-@register("deis", order=3)
+@register("deis", order=3, history=True)
 def deis(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
-         order: int = 3, lower_order_final: bool = False):
+         hook=None, order: int = 3, lower_order_final: bool = False):
     """DEIS, the tAB multistep exponential integrator (Zhang & Chen 2023, "Fast Sampling of
     Diffusion Models with Exponential Integrator", sec. 4, eq. (14)): the noise prediction is
     extrapolated by the polynomial in t through the last ``order`` evaluations (tAB-(order-1)
@@ -354,31 +291,22 @@ def deis(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, re
     step i's order at ``steps - i`` for fewer than 10 steps.
     """
     order = _check_order("deis", order, 1, 4)
-    alpha, sigma, plan = _deis_plan(denoiser, grid, order, lower_order_final)
-    return _data_plus_eps_loop(denoiser, x_init, grid, cond, guidance, record, alpha, sigma,
-                               plan, order)
+    plan = _deis_plan(denoiser, grid, order, lower_order_final)
+    return _ddim_plus_noise_history(denoiser, x_init, grid, cond, guidance, record, hook, plan,
+                                    order)
 
 
-def _data_plus_eps_loop(denoiser, x_init, grid, cond, guidance, record, alpha, sigma, plan,
-                        order):
+def _ddim_plus_noise_history(denoiser, x_init, grid, cond, guidance, record, hook, plan, order):
     """``x' = alpha_t x_hat + sigma_t eps + sum_j plan[i][j] eps_{i-j}`` (DEIS, iPNDM)."""
-    predict = Predictor(denoiser, cond, guidance, times=grid, reads=("data", "noise"))
-    ts = grid.tolist()
-    x = x_init
-    eps_hist: list[torch.Tensor] = []
-    for i, coefs in enumerate(plan):
-        pred = predict(x, ts[i])
-        if order > 1:
-            eps_hist = [pred.noise, *eps_hist[: order - 1]]
-        # alpha_t x_hat + (sigma_t + D_0) eps from (raw, x) in two operations (a fresh tensor,
-        # so the older eps add in place)
-        x_next = pred.combine(data=alpha[i + 1], noise=sigma[i + 1] + coefs[0])
-        for c, eps in zip(coefs[1:], eps_hist[1:], strict=False):
-            if c != 0.0:
-                x_next.add_(eps, alpha=c)
-        if record is not None:
-            record.append(StepRecord(ts[i], ts[i + 1], x, x_next, pred.data))
-        x = x_next
+    predict = Predictor(denoiser, cond, guidance, record, hook)
+    points = denoiser.schedule.points(grid)
+    x, history = x_init, []  # noise predictions, newest first
+    for i, weights in enumerate(plan):
+        pred = predict(x, points[i])
+        c = points[i + 1].coeffs
+        history = [pred.noise, *history][:order]
+        x_next = c.alpha * pred.data + c.sigma * pred.noise + linear_combination(weights, history)
+        x = predict.end_step(points[i], points[i + 1], x, x_next, pred)
     return x
 
 
@@ -395,9 +323,9 @@ _AB = (
 )
 
 
-@register("ipndm", order=4)
+@register("ipndm", order=4, history=True)
 def ipndm(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
-          order: int = 4):
+          hook=None, order: int = 4):
     """Improved PNDM (Zhang & Chen 2023, DEIS, appendix; from Liu et al. 2022's PNDM with
     lower-order multistep warm-up instead of Runge–Kutta): Adams–Bashforth of order
     ``order`` (default 4: ``(55 e_i - 59 e_{i-1} + 37 e_{i-2} - 9 e_{i-3}) / 24``) on the
@@ -407,18 +335,18 @@ def ipndm(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, r
     grids. The step out of alpha = 0 is the DDIM limit ``alpha' x_hat + sigma' eps_hat``.
     """
     order = _check_order("ipndm", order, 1, 4)
-    alpha, sigma = _alpha_sigma(denoiser, grid)
+    c = denoiser.schedule(grid)
+    alpha, rho = c.alpha, c.sigma / c.alpha
     plan = []
     for i in range(len(grid) - 1):
         p = min(order, i + 1)
         if p == 1:  # Euler in sigma/alpha is DDIM: no correction (also out of alpha = 0)
-            plan.append([0.0])
+            plan.append([torch.zeros((), dtype=_F64)])
             continue
         # x' = alpha_t (x/alpha_s + d_rho sum_j b_j eps_j)
         #    = alpha_t x_hat_s + sigma_t eps_s + alpha_t d_rho (sum_j b_j eps_j - eps_s)
-        d_rho = sigma[i + 1] / alpha[i + 1] - sigma[i] / alpha[i]
-        ab = _AB[p - 1]
+        d_rho = rho[i + 1] - rho[i]
         plan.append([alpha[i + 1] * d_rho * (w - (1.0 if j == 0 else 0.0))
-                     for j, w in enumerate(ab)])
-    return _data_plus_eps_loop(denoiser, x_init, grid, cond, guidance, record, alpha, sigma,
-                               plan, order)
+                     for j, w in enumerate(_AB[p - 1])])
+    return _ddim_plus_noise_history(denoiser, x_init, grid, cond, guidance, record, hook, plan,
+                                    order)

@@ -27,8 +27,8 @@ import math
 
 import torch
 
+from .ddim import posterior_coefficients
 from .registry import Predictor
-from .sde import posterior_coefficients
 
 __all__ = ["parallel_sample", "METHODS", "BASES"]
 
@@ -50,7 +50,7 @@ class _Base:
             self.dt = (grid[1:] - grid[:-1]).to(**dev)
         else:
             a_next, eps_coef, std = posterior_coefficients(
-                denoiser, grid, 1.0 if name == "ddpm" else 0.0)
+                denoiser.schedule, grid, 1.0 if name == "ddpm" else 0.0)
             self.a_next, self.eps_coef = a_next.to(**dev), eps_coef.to(**dev)
             self.noise = None
             if name == "ddpm":
@@ -140,7 +140,7 @@ def _picard(den, x_init, grid, base, ev, *, window, tol, max_iters, keep):
     the error is the worst over the batch, so all samples share one window."""
     n = len(grid) - 1
     ts = grid.to(device=x_init.device, dtype=torch.float64)
-    v = posterior_coefficients(den, grid, 1.0)[2].pow(2)
+    v = posterior_coefficients(den.schedule, grid, 1.0)[2].pow(2)
     floor = float(v[v > 0].min()) if bool((v > 0).any()) else 1.0
     thr = (tol**2 * torch.where(v > 0, v, torch.full_like(v, floor))).to(x_init.device)
     xs = x_init.unsqueeze(0).repeat((n + 1,) + (1,) * x_init.dim())

@@ -3,11 +3,14 @@
 A solver is a stateless function with one signature::
 
     solve(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
-          **its_own_keyword_options) -> x
+          hook=None, **its_own_keyword_options) -> x
 
-``grid`` is a float64 tensor of decreasing times (see :mod:`.grids`); ``x_init`` is the state
-at ``grid[0]``. Each entry declares how many network evaluations a grid of n steps costs, so
-``tiltflow.sample(..., nfe=N)`` can pick the number of steps that spends exactly N.
+``grid`` is a float64 CPU tensor of decreasing times (see :mod:`.grids`); ``x_init`` is the
+state at ``grid[0]``. A solver computes its step coefficients from ``grid`` with torch
+operations before its loop, so they are differentiable when the grid requires grad (fitting a
+grid, :mod:`.trained`) and a step needs no device sync. Each entry declares how many network
+evaluations a grid of n steps costs, so ``tiltflow.sample(..., nfe=N)`` can pick the number of
+steps that spends exactly N.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..predictions import Prediction, linear_maps
+from ..predictions import Prediction
 
 __all__ = ["SolverInfo", "register", "get", "available", "StepRecord", "Predictor"]
 
@@ -36,6 +39,8 @@ class SolverInfo:
     skips_last_eval: bool = False  # the final step to sigma = 0 needs one evaluation less
     description: str = ""
     adaptive: bool = False  # step size chosen by error control: no fixed evaluation count
+    history: bool = False  # reuses model outputs of earlier steps (multistep)
+    differentiable: bool = True  # its samples are differentiable in the grid's times
 
     def _no_fixed_nfe(self):
         raise ValueError(
@@ -68,9 +73,18 @@ class SolverInfo:
             )
         return steps
 
+    def check_options(self, options: dict | None) -> dict:
+        """``options`` as a dict, refusing keywords this solver does not take."""
+        options = dict(options or {})
+        unknown = set(options) - set(self.options())
+        if unknown:
+            raise ValueError(f"solver {self.name!r} has no option(s) {sorted(unknown)}; "
+                             f"its options: {self.options()}")
+        return options
+
     def options(self) -> list[str]:
         params = inspect.signature(self.fn).parameters
-        fixed = {"denoiser", "x_init", "grid", "cond", "guidance", "generator", "record"}
+        fixed = {"denoiser", "x_init", "grid", "cond", "guidance", "generator", "record", "hook"}
         return [p for p in params if p not in fixed]
 
 
@@ -78,14 +92,14 @@ _REGISTRY: dict[str, SolverInfo] = {}
 
 
 def register(name, *, order, stochastic=False, evals_per_step=1, skips_last_eval=False,
-             adaptive=False):
+             adaptive=False, history=False, differentiable=True):
     """Decorator adding a solver function to the registry under ``name``."""
 
     def deco(fn):
         doc = (fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = SolverInfo(
             name, fn, order, stochastic, evals_per_step, skips_last_eval, doc[0] if doc else "",
-            adaptive,
+            adaptive, history, differentiable,
         )
         return fn
 
@@ -140,61 +154,56 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 
 
 class Predictor:
-    """Evaluates the (possibly guided) denoiser at ``(x, t)`` and counts evaluations.
+    """What a solver loop shares: evaluate the (possibly guided) denoiser, count the
+    evaluations, and end each step.
 
-    ``t`` is a python float (a grid time) or a ``[B]``/0-d tensor. For float times the schedule
-    coefficients and the ``[B]`` time tensor are made once per distinct time and reused, so a
-    step costs the network call plus a few tensor operations; pass ``times=grid`` to compute
-    all grid coefficients in one float64 call before the loop, and ``reads=("data", ...)``
-    (the prediction kinds the solver reads) to also precompute, in one vectorized pass, the
-    scalar maps from the network's output kind to those.
+    ``predict(x, t)`` takes a :class:`~tiltflow.schedules.GridPoint` (the solver makes them for
+    its grid before the loop, :meth:`Schedule.points`) or a ``[B]`` time tensor.
+    ``predict.end_step(...)`` appends the step's :class:`StepRecord` to ``record`` and hands it
+    to ``hook``, which may return a tensor to continue from instead of ``x_next`` (a
+    projection, a resampled set of particles, ...); it returns the state to continue from.
+    Solvers that reuse earlier model outputs (``SolverInfo.history``) keep them as they were,
+    so a hook that reorders the batch belongs with single-step solvers.
     """
 
-    def __init__(self, denoiser, cond=None, guidance=None, times=None, reads=()):
+    def __init__(self, denoiser, cond=None, guidance=None, record=None, hook=None):
         from .guidance import as_guidance
 
-        self.denoiser = denoiser
-        self.cond = cond
-        self.guidance = as_guidance(guidance)
+        self.denoiser, self.cond, self.guidance = denoiser, cond, as_guidance(guidance)
+        self.record, self.hook = record, hook
         self.calls = 0
-        self._cache: dict[float, tuple] = {}
-        if times is not None:
-            times = torch.as_tensor(times, dtype=torch.float64).flatten().tolist()
-            coeffs = denoiser.schedule.scalars(times)
-            self._cache.update(zip(times, ((None, c) for c in coeffs), strict=True))
-            kind = getattr(denoiser, "prediction", None)
-            if reads and kind is not None and self.guidance is None:
-                linear_maps(kind, reads, coeffs)
-
-    def _time(self, t: float, x: torch.Tensor):
-        entry = self._cache.get(t)
-        if entry is None or entry[0] is None or entry[0].shape[0] != x.shape[0] \
-                or entry[0].device != x.device:
-            if entry is not None and entry[0] is None and x.is_cpu:
-                self._cpu_times(x)
-                return self._cache[t]
-            coeffs = entry[1] if entry is not None else self.denoiser.schedule.scalars([t])[0]
-            entry = (torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), coeffs)
-            self._cache[t] = entry
-        return entry
-
-    def _cpu_times(self, x: torch.Tensor):
-        """The ``[B]`` time tensors of all precomputed times not made yet, as rows of one CPU
-        tensor: one allocation instead of one per time (on an accelerator this would be a
-        host-to-device copy, so there each time gets its own fill)."""
-        times, coeffs = zip(*((v, c) for v, (t_vec, c) in self._cache.items() if t_vec is None),
-                            strict=True)
-        rows = torch.tensor(times, dtype=x.dtype)[:, None].expand(-1, x.shape[0]).contiguous()
-        self._cache.update(zip(times, zip(rows.unbind(0), coeffs, strict=True), strict=True))
 
     def __call__(self, x: torch.Tensor, t) -> Prediction:
         self.calls += 1
-        if isinstance(t, float):
-            t_vec, coeffs = self._time(t, x)
-            if self.guidance is None:
-                return self.denoiser(x, t_vec, self.cond, coeffs=coeffs)
-            return self.guidance(self.denoiser, x, t_vec, self.cond, coeffs=coeffs, time=t)
-        t = t.expand(x.shape[0])
         if self.guidance is None:
             return self.denoiser(x, t, self.cond)
-        return self.guidance(self.denoiser, x, t, self.cond, coeffs=None, time=None)
+        return self.guidance(self.denoiser, x, t, self.cond)
+
+    def end_step(self, t, t_next, x, x_next, pred: Prediction, mean=None, std=None):
+        """Record step ``t -> t_next`` (``mean``/``std``: its Gaussian transition, for
+        stochastic steps with noise) and run the hook; returns the state to continue from."""
+        if self.record is None and self.hook is None:
+            return x_next
+        log_prob = None
+        if std is not None:
+            std = x.new_empty(()).fill_(std)  # a fill, not a host-to-device copy
+            log_prob = gaussian_log_prob(x_next, mean, std)
+        step = StepRecord(float(t), float(t_next), x, x_next, pred.data, mean, std, log_prob)
+        if self.record is not None:
+            self.record.append(step)
+        if self.hook is None:
+            return x_next
+        out = self.hook(step)
+        if out is None:
+            return x_next
+        if not torch.is_tensor(out) or out.shape != x_next.shape:
+            raise ValueError(f"a step hook must return None or a tensor of shape "
+                             f"{tuple(x_next.shape)}, got {getattr(out, 'shape', type(out))}")
+        return out
+
+
+def linear_combination(weights, tensors) -> torch.Tensor:
+    """``sum_k weights[k] * tensors[k]`` over the shorter of the two (a multistep update's
+    history term)."""
+    terms = [w * v for w, v in zip(weights, tensors)]  # noqa: B905 - history may be longer
+    return sum(terms[1:], terms[0])

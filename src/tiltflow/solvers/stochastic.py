@@ -1,9 +1,10 @@
-"""More stochastic samplers: EDM's churn sampler, DPM-Solver++(2M) SDE, predictor–corrector
-with a Langevin corrector, and annealed Langevin dynamics.
+"""Stochastic samplers of the reverse-time SDE: Euler–Maruyama, EDM's churn sampler,
+DPM-Solver++(2M) SDE, predictor–corrector with a Langevin corrector, and annealed Langevin
+dynamics (DDPM's ancestral sampler is in :mod:`.ddim`).
 
 Like every solver, each one computes its step coefficients in float64 from the grid before the
-loop (python floats); the loop only does tensor arithmetic, network calls and draws noise from
-``generator`` (same generator state -> same samples). Pass ``record=[]`` to get one
+loop; the loop only does tensor arithmetic, network calls and draws noise from ``generator``
+(same generator state -> same samples). Pass ``record=[]`` to get one
 :class:`~tiltflow.solvers.registry.StepRecord` per recorded move; where the move is a Gaussian
 transition of the state it carries ``mean``, ``std`` and ``log_prob``.
 
@@ -20,28 +21,24 @@ import math
 
 import torch
 
-from ..predictions import scale
-from .registry import Predictor, StepRecord, gaussian_log_prob, register
-from .sde import _add_noise, _randn_like
+from .registry import Predictor, register
 
-__all__ = ["edm_sde", "dpmpp_2m_sde", "pc", "annealed_langevin"]
+__all__ = ["euler_maruyama", "edm_sde", "dpmpp_2m_sde", "pc", "annealed_langevin"]
 
 _ALPHA_MIN = 1e-6  # below this alpha(t) the reverse SDE / scaled state is numerically singular
 _PURE_NOISE_LEVEL = 1e8  # noise levels sigma/alpha above this are treated as pure noise
 
 
-def _record(record, t, t_next, x, x_next, data, mean=None, std=None):
-    """Append one move; ``std`` (a float, or a tensor broadcasting against ``x``) marks a
-    Gaussian move."""
-    if std is not None and not torch.is_tensor(std):
-        std = _std_tensor(std, x)
-    lp = None if std is None else gaussian_log_prob(x_next, mean, std)
-    record.append(StepRecord(float(t), float(t_next), x, x_next, data,
-                             mean if std is not None else None, std, lp))
+def _randn_like(x, generator):
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _std_tensor(value: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((), value, dtype=x.dtype, device=x.device)  # a fill: no host-device copy
+def _gaussian_step(predict, t, t_next, x, mean, std, pred, generator):
+    """``x' = mean + std z`` (``mean`` itself where ``std`` is 0), recorded as a Gaussian
+    transition; returns the state to continue from."""
+    if not std > 0:
+        return predict.end_step(t, t_next, x, mean, pred)
+    return predict.end_step(t, t_next, x, mean + std * _randn_like(mean, generator), pred, mean, std)
 
 
 def _refuse_pure_noise(denoiser, grid, name: str):
@@ -55,11 +52,41 @@ def _refuse_pure_noise(denoiser, grid, name: str):
         )
 
 
+@register("euler_maruyama", order=1, stochastic=True)
+def euler_maruyama(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
+                   record=None, hook=None, noise_scale: float = 1.0):
+    """Euler–Maruyama on the reverse-time SDE (Song et al. 2021, eq. 6) with adjustable noise:
+    ``dx = [v - g~^2/2 * score] dt + g~ dW``, ``g~ = noise_scale * g`` and
+    ``g^2 = 2 sigma^2 (sigma'/sigma - alpha'/alpha)`` (the forward SDE's diffusion). Every
+    ``noise_scale`` has the same marginals; 0 is the PF-ODE (Euler), 1 the reverse SDE.
+    The final step to t = 0 adds no noise (returns the mean, as Song et al.'s code does)."""
+    if noise_scale < 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    c = denoiser.schedule(grid)
+    g2 = (2 * c.sigma**2 * (c.d_sigma / c.sigma - c.d_alpha / c.alpha) * noise_scale**2)[:-1]
+    if not bool(torch.isfinite(g2).all()) or float(c.alpha[0]) < _ALPHA_MIN:
+        raise ValueError(
+            f"the reverse SDE of schedule {denoiser.schedule!r} has an infinite diffusion "
+            f"coefficient at t={float(grid[0])} (alpha ~ 0 there); start later "
+            "(e.g. t_start=0.99) or use solver='ddpm'"
+        )
+    dts = grid[1:] - grid[:-1]
+    std = torch.where(grid[1:] == 0, torch.zeros_like(g2), (g2 * dts.abs()).sqrt())
+    predict = Predictor(denoiser, cond, guidance, record, hook)
+    points = denoiser.schedule.points(grid)
+    x = x_init
+    for i, dt in enumerate(dts.unbind()):
+        pred = predict(x, points[i])
+        mean = x + dt * (pred.velocity - 0.5 * g2[i] * pred.score)
+        x = _gaussian_step(predict, points[i], points[i + 1], x, mean, std[i], pred, generator)
+    return x
+
+
 # ------------------------------------------------------------------------------------------
 # EDM stochastic sampler
 # ------------------------------------------------------------------------------------------
 @register("edm_sde", order=1, stochastic=True, evals_per_step=2, skips_last_eval=True)
-def edm_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
+def edm_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None, hook=None,
             s_churn: float = 40.0, s_tmin: float = 0.05, s_tmax: float = 50.0,
             s_noise: float = 1.0):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2), any schedule.
@@ -126,26 +153,25 @@ def edm_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
         half_gap = 0.5 * (sg_n * a_hat / sg_hat if r_form else a_n * s_hat)
         plan.append((t_hat, scale_x, churn_std, r_form, ts[i + 1] > 0, a_n, sg_n, half_gap))
 
-    t_hats = [p[0] for p in plan]  # python floats: no host-to-device copy
-    predict = Predictor(denoiser, cond, guidance, times=t_hats + ts[1:], reads=("data", "noise"))
+    points = sched.points(torch.tensor([p[0] for p in plan] + ts, dtype=torch.float64))
+    hats, points = points[:steps], points[steps:]
+    predict = Predictor(denoiser, cond, guidance, record, hook)
     x = x_init
-    for i, (t_hat, scale_x, churn_std, r_form, correct, a_n, sg_n, half_gap) in enumerate(plan):
+    for i, (_, scale_x, churn_std, r_form, correct, a_n, sg_n, half_gap) in enumerate(plan):
         x_hat = x
         if churn_std > 0:  # lines 5-6: raise the noise level to s_hat
-            x_hat = torch.add(scale(x, scale_x), _randn_like(x, generator), alpha=churn_std)
-        pred = predict(x_hat, t_hat)
-        x_next = pred.combine(data=a_n, noise=sg_n)  # line 8: Euler step (= DDIM in x_t)
-        if correct:  # lines 9-11: second-order correction, expanded in the two evaluations
-            pred2 = predict(x_next, ts[i + 1])
+            x_hat = scale_x * x + churn_std * _randn_like(x, generator)
+        pred = predict(x_hat, hats[i])
+        x_next = a_n * pred.data + sg_n * pred.noise  # line 8: Euler step (= DDIM in x_t)
+        if correct:  # lines 9-11: the second-order correction
+            pred2 = predict(x_next, points[i + 1])
             if r_form:  # sigma' e + a'/2 (D + D') + half_gap (D - D')
-                x_next = pred2.combine(data=0.5 * a_n - half_gap, plus=pred.combine(
-                    noise=sg_n, data=0.5 * a_n + half_gap))
+                x_next = (sg_n * pred.noise + 0.5 * a_n * (pred.data + pred2.data)
+                          + half_gap * (pred.data - pred2.data))
             else:  # a' D + sigma'/2 (e + e') + half_gap (e - e')
-                x_next = pred2.combine(noise=0.5 * sg_n - half_gap, plus=pred.combine(
-                    data=a_n, noise=0.5 * sg_n + half_gap))
-        if record is not None:
-            _record(record, grid[i], grid[i + 1], x, x_next, pred.data)
-        x = x_next
+                x_next = (a_n * pred.data + 0.5 * sg_n * (pred.noise + pred2.noise)
+                          + half_gap * (pred.noise - pred2.noise))
+        x = predict.end_step(points[i], points[i + 1], x, x_next, pred)
     return x
 
 
@@ -159,7 +185,7 @@ def _level_at(schedule, t: float) -> float:
 # ------------------------------------------------------------------------------------------
 @register("dpmpp_2m_sde", order=1, stochastic=True)
 def dpmpp_2m_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
-                 record=None, solver_type: str = "midpoint", eta: float = 1.0,
+                 record=None, hook=None, solver_type: str = "midpoint", eta: float = 1.0,
                  s_noise: float = 1.0):
     """DPM-Solver++(2M) SDE (Lu et al. 2022b, "DPM-Solver++", sec. 5 / App. B; the SDE form of
     k-diffusion and diffusers' ``sde-dpmsolver++``), one evaluation per step.
@@ -206,22 +232,17 @@ def dpmpp_2m_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=
     noise_frac = torch.where(finite, -torch.expm1(-2 * eta * h_f), torch.ones_like(h))
     noise_frac = noise_frac if eta > 0 else torch.zeros_like(h)
     std = s_noise * sg_n * noise_frac.clamp_min(0).sqrt()
-    c_x, c_d0, second, std_list = c_x.tolist(), c_d0.tolist(), second.tolist(), std.tolist()
-
-    predict = Predictor(denoiser, cond, guidance, times=grid, reads=("data",))
-    ts = grid.tolist()
+    predict = Predictor(denoiser, cond, guidance, record, hook)
+    points = denoiser.schedule.points(grid)
     x, data_prev = x_init, None
     for i in range(len(c_x)):
-        data = predict(x, ts[i]).data
-        # c_x x + c_d0 D_i + second (D_i - D_{i-1}), a fresh tensor added to in place
-        mean = scale(x, c_x[i]).add_(data, alpha=c_d0[i] + second[i])
+        pred = predict(x, points[i])
+        data = pred.data
+        mean = c_x[i] * x + c_d0[i] * data
         if second[i] != 0:
-            mean.add_(data_prev, alpha=-second[i])
-        x_next = _add_noise(mean, std_list[i], generator)
-        if record is not None:
-            _record(record, grid[i], grid[i + 1], x, x_next, data, mean,
-                    std_list[i] if std_list[i] > 0 else None)
-        x, data_prev = x_next, data
+            mean = mean + second[i] * (data - data_prev)
+        x = _gaussian_step(predict, points[i], points[i + 1], x, mean, std[i], pred, generator)
+        data_prev = data
     return x
 
 
@@ -230,7 +251,7 @@ def dpmpp_2m_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=
 # ------------------------------------------------------------------------------------------
 @register("pc", order=1, stochastic=True,
           evals_per_step=lambda options: 1 + int(options.get("corrector_steps", 1)))
-def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None,
+def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, record=None, hook=None,
        predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16):
     """Predictor–corrector sampling (Song et al. 2021, "Score-Based Generative Modeling through
     SDEs", sec. 4.2, Algorithms 2–3, App. G), any schedule.
@@ -265,45 +286,36 @@ def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, reco
     c = denoiser.schedule(g64)
     a, sg = c.alpha, c.sigma
     ratio = a[:-1] / a[1:]
-    lang = (2 * snr**2 * ratio**2).tolist()  # eps = lang * ||z||^2 / ||g||^2
+    lang = 2 * snr**2 * ratio**2  # eps = lang * ||z||^2 / ||g||^2
     if predictor == "reverse_diffusion":
         g2 = (sg[:-1] ** 2 - ratio**2 * sg[1:] ** 2).clamp_min(0)
-        c_x, c_score = (2 - ratio).tolist(), g2.tolist()
-        c_v = [0.0] * len(c_x)
+        c_x, c_score, c_v = 2 - ratio, g2, None
         std = g2.sqrt()
     else:
         g2 = 2 * sg**2 * (c.d_sigma / sg - c.d_alpha / a)
         dt = g64[1:] - g64[:-1]
-        c_x, c_v, c_score = [1.0] * len(dt), dt.tolist(), (-0.5 * dt * g2[:-1]).tolist()
+        c_x, c_v, c_score = torch.ones_like(dt), dt, -0.5 * dt * g2[:-1]
         std = (g2[:-1] * dt.abs()).sqrt()
     std[g64[1:] == 0] = 0.0
     if not bool(torch.isfinite(std).all()):
         raise ValueError(f"pc: non-finite noise for schedule {denoiser.schedule!r} on this grid")
-    std_list = std.tolist()
-
-    reads = ("score", "data") if predictor == "reverse_diffusion" else ("score", "data", "velocity")
-    predict = Predictor(denoiser, cond, guidance, times=g64, reads=reads)
-    ts = g64.tolist()
+    predict = Predictor(denoiser, cond, guidance, record, hook)
+    points = denoiser.schedule.points(g64)
     x = x_init
-    for i in range(len(std_list)):
+    for i in range(len(std)):
         for _ in range(corrector_steps):  # Langevin corrector at t_i
-            pred = predict(x, ts[i])
+            pred = predict(x, points[i])
             g = pred.score
             z = _randn_like(x, generator)
             z_norm = z.flatten(1).norm(dim=1).mean()
             g_norm = g.flatten(1).norm(dim=1).mean().clamp_min(torch.finfo(x.dtype).tiny)
             step = lang[i] * (z_norm / g_norm) ** 2
-            x_next = x + step * g + (2 * step).sqrt() * z
-            if record is not None:
-                _record(record, grid[i], grid[i], x, x_next, pred.data)
-            x = x_next
-        pred = predict(x, ts[i])  # predictor to t_{i+1}
-        mean = pred.combine(x_t=c_x[i], score=c_score[i], velocity=c_v[i])
-        x_next = _add_noise(mean, std_list[i], generator)
-        if record is not None:
-            _record(record, grid[i], grid[i + 1], x, x_next, pred.data, mean,
-                    std_list[i] if std_list[i] > 0 else None)
-        x = x_next
+            x = predict.end_step(points[i], points[i], x, x + step * g + (2 * step).sqrt() * z, pred)
+        pred = predict(x, points[i])  # predictor to t_{i+1}
+        mean = c_x[i] * x + c_score[i] * pred.score
+        if c_v is not None:
+            mean = mean + c_v[i] * pred.velocity
+        x = _gaussian_step(predict, points[i], points[i + 1], x, mean, std[i], pred, generator)
     return x
 
 
@@ -313,7 +325,7 @@ def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, reco
 @register("annealed_langevin", order=1, stochastic=True,
           evals_per_step=lambda options: int(options.get("steps_per_level", 1)))
 def annealed_langevin(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
-                      record=None, steps_per_level: int = 1, eps: float | None = None):
+                      record=None, hook=None, steps_per_level: int = 1, eps: float | None = None):
     """Annealed Langevin dynamics (Song & Ermon 2019, "Generative Modeling by Estimating
     Gradients of the Data Distribution", Algorithm 1), any schedule.
 
@@ -348,31 +360,23 @@ def annealed_langevin(denoiser, x_init, grid, *, cond=None, guidance=None, gener
     if eps is None:
         eps = 2.0 * s_last**2
     # in x_t: x <- x - (eps sigma_i / (2 s_L^2)) eps_hat + (sqrt(eps) sigma_i / s_L) z
-    drift = (eps * sg[:-1] / (2 * s_last**2)).tolist()
-    noise = (math.sqrt(eps) * sg[:-1] / s_last).tolist()
-    move = (a[1:] / a[:-1]).tolist()  # passing y unchanged to the next level rescales x_t
-    a_out, sg_out = float(a[-1]), float(sg[-1])
+    drift = eps * sg[:-1] / (2 * s_last**2)
+    noise = math.sqrt(eps) * sg[:-1] / s_last
+    move = a[1:] / a[:-1]  # passing y unchanged to the next level rescales x_t
     n = len(drift)
-
-    predict = Predictor(denoiser, cond, guidance, times=g64, reads=("noise", "data"))
-    ts = g64.tolist()
+    predict = Predictor(denoiser, cond, guidance, record, hook)
+    points = denoiser.schedule.points(g64)
     x = x_init
     for i in range(n):
-        std_i = None
         for k in range(steps_per_level):
-            pred = predict(x, ts[i])
-            if i == n - 1 and k == steps_per_level - 1:  # leave the chain: denoise / DDIM
-                x_next = pred.combine(data=a_out, noise=sg_out)
-                if record is not None:
-                    _record(record, grid[i], grid[i + 1], x, x_next, pred.data)
-                x = x_next
+            pred = predict(x, points[i])
+            last_move = k == steps_per_level - 1
+            if i == n - 1 and last_move:  # leave the chain: denoise / DDIM
+                x_out = a[-1] * pred.data + sg[-1] * pred.noise
+                x = predict.end_step(points[i], points[i + 1], x, x_out, pred)
                 break
-            r = move[i] if k == steps_per_level - 1 else 1.0
-            mean = pred.combine(x_t=r, noise=-r * drift[i])  # r (x - drift eps_hat)
-            x_next = torch.add(mean, _randn_like(x, generator), alpha=r * noise[i])
-            if record is not None:
-                std_i = _std_tensor(r * noise[i], x)
-                t_next = grid[i + 1] if k == steps_per_level - 1 else grid[i]
-                _record(record, grid[i], t_next, x, x_next, pred.data, mean, std_i)
-            x = x_next
+            r = move[i] if last_move else 1.0
+            t_next = points[i + 1] if last_move else points[i]
+            x = _gaussian_step(predict, points[i], t_next, x, r * (x - drift[i] * pred.noise),
+                               r * noise[i], pred, generator)
     return x
