@@ -322,6 +322,52 @@ def overhead_rows(steps=(10, 60), repeats: int = 9, ours=None, peers=None):
     return rows
 
 
+def whole_call_rows(steps: int = 50, repeats: int = 9, peers=None):
+    """The overhead a user sees: the whole ``tiltflow.sample`` call (grid, coefficients, loop)
+    with a zero model through ``Denoiser.from_fn`` on a ``1x4x8x8`` float32 batch, divided by
+    its ``steps``; diffusers' schedulers likewise (``set_timesteps`` and the loop, scheduler
+    built once as a pipeline holds it), in the same run, interleaved, median of ``repeats``.
+    Budget (issue 12): every tiltflow solver at most half of diffusers' DPM++ 2M."""
+    sched = schedules.VPDiscrete.linear()
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def zero(x_t, t, cond=None):
+        return torch.zeros_like(x_t)
+
+    den = Denoiser.from_fn(zero, sched, prediction="noise")
+    ours = [n for n in solvers.available()
+            if n not in ("bespoke", "dpm_solver_v3") and not solvers.get(n).adaptive]
+    peer_mod = _peers()
+    if peers is None:
+        peers = peer_mod.available("vp_discrete_linear")
+    runners = {(n, "ours"): (lambda n=n: solvers.sample(
+        den, noise, n, steps=steps, generator=torch.Generator().manual_seed(1))) for n in ours}
+    for name in peers:
+        sch = peer_mod.make_scheduler(name)
+        runners[(name, "peer")] = (lambda name=name, sch=sch: peer_mod.diffusers_sample(
+            name, lambda x_t, t: torch.zeros_like(x_t), noise, steps, scheduler=sch))
+    times = {k: [] for k in runners}
+    keys = list(runners)
+    with torch.no_grad():
+        for fn in runners.values():  # warm-up (imports, caches)
+            fn()
+        for r in range(repeats):
+            for k in (keys if r % 2 == 0 else keys[::-1]):
+                t0 = time.perf_counter()
+                runners[k]()
+                times[k].append((time.perf_counter() - t0) * 1e6)
+    rows = []
+    for (name, role), ts in times.items():
+        rows.append({"bed": "zero model", "method": name, "role": role, "nfe": None,
+                     "metric": "us_per_step_call", "value": round(statistics.median(ts) / steps, 2),
+                     "floor": None,
+                     "extra": {"schedule": "vp_discrete_linear", "grid": "uniform", "steps": steps,
+                               "batch": "1x4x8x8 float32", "threads": 1, "repeats": repeats,
+                               "evals_per_step": (solvers.get(name).evals({}) if role == "ours"
+                                                  else peer_mod.DIFFUSERS[name][2])}})
+    return rows
+
+
 # -- run, Markdown, plot -------------------------------------------------------------------
 def run(quick: bool = False) -> dict:
     """Measure and write ``benchmarks/results/solvers.{json,md}`` and the error-vs-NFE PNG."""
@@ -350,6 +396,7 @@ def run(quick: bool = False) -> dict:
         # DPM-Solver-v3 needs statistics computed from the model first (not in the generic loop)
         rows += bench.load_sibling("dpm_v3_rows").run_rows(quick)
         rows += overhead_rows(repeats=reps)
+        rows += whole_call_rows(repeats=max(3, reps // 3))
     finally:
         torch.set_num_threads(threads)
     result = bench.result("solvers", t_start, quick, rows, solvers=deterministic_solvers(),
@@ -461,7 +508,35 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['method']} | {r['role']} | {r['value']:.1f} | "
                          f"{e['setup_us']:.0f} | {e['us_per_step_total']:.1f} |")
         lines.append("")
+    lines += whole_call_markdown(rows)
     return "\n".join(lines)
+
+
+def whole_call_markdown(rows) -> list[str]:
+    calls = [r for r in rows if r["metric"] == "us_per_step_call"]
+    if not calls:
+        return []
+    e0 = calls[0]["extra"]
+    budget = next((r["value"] / 2 for r in calls if r["method"] == "diffusers DPM++2M"), None)
+    lines = ["## Whole-call overhead per step (zero model)", "",
+             f"The whole `tiltflow.sample(den, noise, solver, steps={e0['steps']})` call (grid, "
+             f"step coefficients and loop) with a zero model through `Denoiser.from_fn`, batch "
+             f"{e0['batch']}, {e0['threads']} thread, divided by its steps; diffusers: "
+             "`set_timesteps` and the loop with the scheduler built once. Median of "
+             f"{e0['repeats']} interleaved runs. Budget (issue 12): at most half of diffusers' "
+             "DPM++ 2M" + (f" = {budget:.1f} us" if budget else "") + " per network "
+             "evaluation (a step of a k-stage method makes k evaluations: its per-step "
+             "figure is compared as us/step / k).", "",
+             "| method | role | evaluations/step | us/step | us/evaluation | within budget |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in sorted(calls, key=lambda r: (r["role"] != "ours", r["value"])):
+        per_eval = r["value"] / r["extra"]["evals_per_step"]
+        ok = "" if budget is None or r["role"] != "ours" else ("yes" if per_eval <= budget
+                                                                else "**no**")
+        lines.append(f"| {r['method']} | {r['role']} | {r['extra']['evals_per_step']} | "
+                     f"{r['value']:.1f} | {per_eval:.1f} | {ok} |")
+    lines.append("")
+    return lines
 
 
 def _family(method: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Coeffs:
+class Coeffs(NamedTuple):
     """``alpha(t)``, ``sigma(t)`` and their derivatives in t, each shaped like ``t``."""
 
     alpha: torch.Tensor
@@ -55,11 +54,10 @@ class Coeffs:
         return Coeffs(*(c.reshape(shape).to(x.dtype) for c in self.as_tuple()))
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
-        return (self.alpha, self.sigma, self.d_alpha, self.d_sigma)
+        return tuple(self)
 
 
-@dataclass(frozen=True)
-class GridPoint:
+class GridPoint(NamedTuple):
     """A time shared by the whole batch, as a solver passes it to a denoiser: ``t`` as a 0-d
     float64 CPU tensor (differentiable when the solver's grid is) and the schedule's
     coefficients there. A solver makes them for its whole grid in one schedule call

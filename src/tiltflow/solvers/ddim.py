@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Predictor, register
+from .registry import Predictor, plan_numbers, register
 
 
 def posterior_coefficients(schedule, grid: torch.Tensor, eta: float):
@@ -36,7 +36,8 @@ def _posterior_steps(denoiser, x_init, grid, eta, cond, guidance, generator, rec
     points = denoiser.schedule.points(grid)
     a_next, eps_coef, std = posterior_coefficients(denoiser.schedule, grid, eta)
     x = x_init
-    for i, (a, e, s) in enumerate(zip(a_next.unbind(), eps_coef.unbind(), std.unbind(), strict=True)):
+    coefficients = zip(*(plan_numbers(v) for v in (a_next, eps_coef, std)), strict=True)
+    for i, (a, e, s) in enumerate(coefficients):
         pred = predict(x, points[i])
         mean = a * pred.data + e * pred.noise
         if s > 0:

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Predictor, linear_combination, register
+from .registry import Predictor, expm1, linear_combination, plan_numbers, register
 
 __all__ = ["dpm_solver_1", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m",
            "LAMBDA_LIMIT"]
@@ -65,9 +65,9 @@ _FRACTIONS = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}  # r1 (, r2) of Lu et al. 202
 
 
 def _split(schedule, s, t, k):
-    """``[(s, t, k, singular)]`` for a step of budget ``k`` evaluations from time ``s`` to
-    ``t`` (0-d tensors): a singular step of budget k > 1 is split at its time midpoint into a
-    DDIM-limit half (1 evaluation) and an order-(k-1) half."""
+    """``[(s, t, k, singular)]`` for a singular step of budget ``k`` evaluations from time ``s``
+    to ``t`` (0-d tensors): a budget k > 1 is split at the time midpoint into a DDIM-limit half
+    (1 evaluation) and an order-(k-1) half (module docstring)."""
     lam_s, lam_t = _half_logsnr(schedule, torch.stack([s, t])).detach()
     if not _singular(lam_s, lam_t):
         return [(s, t, k, False)]
@@ -79,42 +79,53 @@ def _split(schedule, s, t, k):
     return _split(schedule, s, m, k - 1) + _split(schedule, m, t, 1)
 
 
-def _segment(schedule, s, t, k, singular, form):
-    """One single-step update: ``(kind, times, coefficients)`` with the evaluation times
-    ``(s, t1, t2)[:k]`` and, reading ``m_j`` = ``kind`` at ``t_j``:
+def _segments(schedule, grid, order):
+    """Per grid step its updates ``[(s, t, k, singular)]``: one of order ``order``, or the split
+    of :func:`_split` where the step touches an infinite log-SNR."""
+    lam = _half_logsnr(schedule, grid).detach().tolist()
+    ts = grid.unbind()
+    return [_split(schedule, ts[i], ts[i + 1], order) if _singular(lam[i], lam[i + 1])
+            else [(ts[i], ts[i + 1], order, False)] for i in range(len(ts) - 1)]
+
+
+def _coefficients(schedule, s, t, k, singular, form):
+    """Evaluation times ``[m, k]`` and coefficients (``[m]`` tensors) of ``m`` single-step
+    updates of one shape from times ``s`` to ``t`` (``[m]``). Reading ``m_j`` = ``form`` at
+    the j-th time:
 
     - order 1: ``(A, B)`` for ``x' = A x + B m0``;
     - order 2: ``(A1, B1, A, B, C)`` for ``u = A1 x + B1 m0``, ``x' = A x + B m0 + C (m1 - m0)``;
     - order 3: ``(A1, B1, A2, B2, C2, A, B, C)`` for ``u1 = A1 x + B1 m0``,
       ``u2 = A2 x + B2 m0 + C2 (m1 - m0)``, ``x' = A x + B m0 + C (m2 - m0)``.
     """
-    c = schedule(torch.stack([s, t]))
-    (a_s, a_t), (s_s, s_t) = c.alpha.unbind(), c.sigma.unbind()
-    if singular:  # DDIM: the limit of every update here at e^{-h} = 0
-        return "data", (s,), (s_t / s_s, a_t - s_t * a_s / s_s)
-    lam_s, lam_t = _half_logsnr(schedule, torch.stack([s, t])).unbind()
+    cs, ct = schedule(s), schedule(t)
+    a_s, s_s, a_t, s_t = cs.alpha, cs.sigma, ct.alpha, ct.sigma
+    if singular:  # DDIM (data form): the limit of every update here at e^{-h} = 0
+        return s[:, None], (s_t / s_s, a_t - s_t * a_s / s_s)
+    lam_s, lam_t = _half_logsnr(schedule, s), _half_logsnr(schedule, t)
     h = lam_t - lam_s
     if k == 1 and form == "noise":  # DPM-Solver-1 (Lu et al. 2022, eq. 3.7)
-        return "noise", (s,), (a_t / a_s, -s_t * torch.expm1(h))
+        return s[:, None], (a_t / a_s, -s_t * torch.expm1(h))
     if k == 1:  # DPM-Solver++(1) (Lu et al. 2022b, eq. 9 with k = 1)
-        return "data", (s,), (s_t / s_s, -a_t * torch.expm1(-h))
-    mids = schedule.t_from_logsnr(2 * torch.stack([lam_s + r * h for r in _FRACTIONS[k]]))
+        return s[:, None], (s_t / s_s, -a_t * torch.expm1(-h))
+    mids = schedule.t_from_logsnr(2 * (lam_s[:, None] + h[:, None] * torch.tensor(
+        _FRACTIONS[k], dtype=h.dtype)))
+    times = torch.cat([s[:, None], mids], 1)
     cm = schedule(mids)
-    lam_m = _half_logsnr(schedule, mids)
+    h_m = _half_logsnr(schedule, mids) - lam_s[:, None]
     if k == 2:
-        a1, s1, h1 = cm.alpha[0], cm.sigma[0], lam_m[0] - lam_s
+        a1, s1, h1 = cm.alpha[:, 0], cm.sigma[:, 0], h_m[:, 0]
         r1 = h1 / h  # 1/2 up to the rounding of t_from_logsnr
         if form == "noise":  # DPM-Solver-2 (Lu et al. 2022, Algorithm 1)
             B = -s_t * torch.expm1(h)
-            return "noise", (s, mids[0]), (a1 / a_s, -s1 * torch.expm1(h1), a_t / a_s, B, B / (2 * r1))
+            return times, (a1 / a_s, -s1 * torch.expm1(h1), a_t / a_s, B, B / (2 * r1))
         # DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1)
         B = -a_t * torch.expm1(-h)
-        return "data", (s, mids[0]), (s1 / s_s, -a1 * torch.expm1(-h1), s_t / s_s, B, B / (2 * r1))
+        return times, (s1 / s_s, -a1 * torch.expm1(-h1), s_t / s_s, B, B / (2 * r1))
     if k == 3 and form == "noise":  # DPM-Solver-3 (Lu et al. 2022, Algorithm 2)
-        (a1, a2), (s1, s2) = cm.alpha.unbind(), cm.sigma.unbind()
-        h1, h2 = lam_m[0] - lam_s, lam_m[1] - lam_s
+        (a1, a2), (s1, s2), (h1, h2) = cm.alpha.unbind(1), cm.sigma.unbind(1), h_m.unbind(1)
         r1, r2 = h1 / h, h2 / h
-        return "noise", (s, mids[0], mids[1]), (
+        return times, (
             a1 / a_s, -s1 * torch.expm1(h1),
             a2 / a_s, -s2 * torch.expm1(h2), -s2 * (r2 / r1) * (torch.expm1(h2) / h2 - 1),
             a_t / a_s, -s_t * torch.expm1(h), -s_t / r2 * (torch.expm1(h) / h - 1),
@@ -122,21 +133,41 @@ def _segment(schedule, s, t, k, singular, form):
     raise ValueError(f"no single-step update of order {k} in {form!r} form")
 
 
+def _single_step_plan(schedule, grid, order, form):
+    """Per grid step ``[(kind, k, points, coefficients)]``: its updates, the coefficients of
+    all updates of one shape computed together and every evaluation time's schedule
+    coefficients in one call."""
+    steps = _segments(schedule, grid, order)
+    shapes: dict[tuple, list] = {}  # (k, singular) -> [(step, position)]
+    for i, segs in enumerate(steps):
+        for j, (_, _, k, singular) in enumerate(segs):
+            shapes.setdefault((k, singular), []).append((i, j))
+    plan = [[None] * len(segs) for segs in steps]
+    for (k, singular), where in shapes.items():
+        s = torch.stack([steps[i][j][0] for i, j in where])
+        t = torch.stack([steps[i][j][1] for i, j in where])
+        times, coefs = _coefficients(schedule, s, t, k, singular, form)
+        points = schedule.points(times.flatten())
+        width = times.shape[1]
+        kind = "data" if singular else form
+        for n, (i, j) in enumerate(where):
+            plan[i][j] = (kind, 1 if singular else k, points[n * width:(n + 1) * width],
+                          [c[n] for c in coefs])
+    return plan
+
+
 def _single_step(denoiser, x_init, grid, order, form, cond, guidance, record, hook):
-    schedule = denoiser.schedule
     predict = Predictor(denoiser, cond, guidance, record, hook)
-    points = schedule.points(grid)
-    ts = grid.unbind()
+    points = denoiser.schedule.points(grid)
     x = x_init
-    for i in range(len(ts) - 1):
+    for i, updates in enumerate(_single_step_plan(denoiser.schedule, grid, order, form)):
         x_start, first = x, None
-        for s, t, k, singular in _split(schedule, ts[i], ts[i + 1], order):
-            kind, times, c = _segment(schedule, s, t, k, singular, form)
-            at = schedule.points(torch.stack(times))
+        for kind, k, at, c in updates:
             pred = predict(x, at[0])
-            first = first or pred
+            if first is None:
+                first = pred
             m0 = pred.as_kind(kind)
-            if k == 1 or singular:
+            if k == 1:
                 x = c[0] * x + c[1] * m0
             elif k == 2:
                 m1 = predict(c[0] * x + c[1] * m0, at[1]).as_kind(kind)
@@ -191,8 +222,8 @@ def _multistep_plan(schedule, grid, order: int, lower_order_final: bool):
         raise TypeError(f"lower_order_final must be a bool, got {lower_order_final!r}")
     n = len(grid) - 1
     c = schedule(grid)
-    alpha, sigma = c.alpha.unbind(), c.sigma.unbind()
-    lam = _half_logsnr(schedule, grid).unbind()
+    alpha, sigma = plan_numbers(c.alpha), plan_numbers(c.sigma)
+    lam = plan_numbers(_half_logsnr(schedule, grid))
     first_finite = next((i for i, v in enumerate(lam) if v >= -LAMBDA_LIMIT), n)
     plan = []
     for i in range(n):
@@ -206,7 +237,7 @@ def _multistep_plan(schedule, grid, order: int, lower_order_final: bool):
             p = min(p, n - i)  # last step order 1, the one before at most 2 (as diffusers)
         h = l_t - l_s
         A = s_t / s_s
-        phi1 = torch.expm1(-h)
+        phi1 = expm1(-h)
         B = -a_t * phi1  # DPM-Solver++(1)
         if p == 1:
             plan.append((A, (B,)))

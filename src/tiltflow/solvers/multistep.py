@@ -28,12 +28,13 @@ Endpoints (``lam = log(alpha / sigma)``, half the log-SNR):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
-from .registry import Predictor, linear_combination, register
+from .registry import Predictor, linear_combination, plan_numbers, register
 
 __all__ = ["unipc", "unipc_p", "deis", "ipndm"]
 
@@ -130,14 +131,14 @@ def _unipc_plan(denoiser, grid, order, variant, use_corrector, lower_order_final
     c = denoiser.schedule(grid)
     alpha, sigma = c.alpha, c.sigma
     lam = _half_logsnr(alpha, sigma)
-    finite = (lam > -math.inf).tolist()
+    finite, clean = (lam > -math.inf).tolist(), (sigma == 0).tolist()
     steps = len(grid) - 1
     plan: list = [None] * steps
     shapes: dict[tuple, list[int]] = {}  # (p, corrector, out of pure noise) -> steps
     for i in range(steps):
-        if sigma[i + 1] == 0:
+        if clean[i + 1]:
             # step to sigma = 0 (lam = +inf): the limiting first-order step x' = alpha_t x_hat
-            plan[i] = (torch.zeros((), dtype=_F64), [alpha[i + 1]], None)
+            plan[i] = (0.0, [alpha[i + 1]], None)
             continue
         # history points with finite lam, newest first (a lam = -inf point drops out of the
         # higher-order terms in the limit: its divided difference D_k / r_k -> 0)
@@ -154,9 +155,10 @@ def _unipc_plan(denoiser, grid, order, variant, use_corrector, lower_order_final
         c_x, pred_w, corr_w = _unipc_weights(alpha[i + 1], sigma[i + 1], sigma[i],
                                              [lam[i - k] for k in range(p)], lam[i + 1],
                                              p, variant, corrector)
+        c_x, pred_w = plan_numbers(c_x), [plan_numbers(w) for w in pred_w]
+        corr_w = [plan_numbers(w) for w in corr_w] if corrector else None
         for n, step in enumerate(rows):
-            plan[step] = (c_x[n], [w[n] for w in pred_w],
-                          [w[n] for w in corr_w] if corrector else None)
+            plan[step] = (c_x[n], [w[n] for w in pred_w], [w[n] for w in corr_w] if corrector else None)
     return plan
 
 
@@ -174,14 +176,14 @@ def _run_unipc(denoiser, x_init, grid, cond, guidance, record, hook, order, vari
         if pred is None:
             pred = predict(x, points[i])
         history = [pred.data, *history][: max(order, 1)]
-        x_next = c_x * x + linear_combination(pred_w, history)  # UniP
+        x_scaled = c_x * x
+        x_next = x_scaled + linear_combination(pred_w, history)  # UniP
         first, pred = pred, None
         if corr_w is not None:
             # UniC: the model at the predicted point corrects this step and is the next
             # step's model output (no extra evaluation)
             pred = predict(x_next, points[i + 1])
-            x_next = (c_x * x + linear_combination(corr_w[:-1], history)
-                      + corr_w[-1] * pred.data)
+            x_next = x_scaled + linear_combination(corr_w[:-1], history) + corr_w[-1] * pred.data
         x = predict.end_step(points[i], points[i + 1], x, x_next, first)
     return x
 
@@ -228,6 +230,7 @@ def unipc_p(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None,
 _QUAD_NODES = 48
 
 
+@functools.cache
 def _deis_nodes() -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss-Legendre nodes in ``theta in (0, pi)`` of the DEIS integrals: weights ``w`` with
     ``d tau = (t_s - t_t) w`` and ramps ``(1 - cos theta) / 2`` (``tau = t_t + (t_s - t_t) ramp``)."""
@@ -254,8 +257,7 @@ def _deis_plan(denoiser, grid, order, lower_order_final):
     final_cap = lower_order_final and steps < 10
     orders = [min(order, i + 1, steps - i) if final_cap else min(order, i + 1) for i in range(steps)]
     alpha = denoiser.schedule(grid).alpha
-    zero = torch.zeros((), dtype=_F64)
-    plan = [[zero] * p for p in orders]
+    plan = [[0.0] * p for p in orders]
     # p = 1 is DDIM (also the step out of alpha = 0, where (sigma/alpha)' = inf); the steps of
     # each higher order p are integrated together, vectorized over steps
     w_theta, ramp = _deis_nodes()
@@ -273,8 +275,8 @@ def _deis_plan(denoiser, grid, order, lower_order_final):
                     lag = lag * (tau - pts[:, k, None]) / (pts[:, j, None] - pts[:, k, None])
             basis = lag - (1.0 if j == 0 else 0.0)
             integral = -(t_s - t_t) * (w_theta * drho * basis).sum(1)
-            for n, i in enumerate(rows.tolist()):
-                plan[i][j] = alpha[i + 1] * integral[n]
+            for i, w in zip(rows.tolist(), plan_numbers(alpha[rows + 1] * integral), strict=True):
+                plan[i][j] = w
     return plan
 
 
@@ -336,12 +338,12 @@ def ipndm(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, r
     """
     order = _check_order("ipndm", order, 1, 4)
     c = denoiser.schedule(grid)
-    alpha, rho = c.alpha, c.sigma / c.alpha
+    alpha, rho = plan_numbers(c.alpha), plan_numbers(c.sigma / c.alpha)
     plan = []
     for i in range(len(grid) - 1):
         p = min(order, i + 1)
         if p == 1:  # Euler in sigma/alpha is DDIM: no correction (also out of alpha = 0)
-            plan.append([torch.zeros((), dtype=_F64)])
+            plan.append([0.0])
             continue
         # x' = alpha_t (x/alpha_s + d_rho sum_j b_j eps_j)
         #    = alpha_t x_hat_s + sigma_t eps_s + alpha_t d_rho (sum_j b_j eps_j - eps_s)

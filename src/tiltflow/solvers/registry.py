@@ -202,8 +202,22 @@ class Predictor:
         return out
 
 
+def plan_numbers(v: torch.Tensor) -> list:
+    """A solver plan's per-step values: python floats, or 0-d tensors when ``v`` requires grad
+    (a grid being fitted). The same formulas run on both; on floats a plan costs a few
+    microseconds a step instead of tens (a 0-d tensor operation costs ~2 us)."""
+    return list(v.unbind()) if v.requires_grad else v.tolist()
+
+
+def expm1(v):
+    """``exp(v) - 1`` of a python float or a tensor (see :func:`plan_numbers`)."""
+    return torch.expm1(v) if torch.is_tensor(v) else math.expm1(v)
+
+
 def linear_combination(weights, tensors) -> torch.Tensor:
     """``sum_k weights[k] * tensors[k]`` over the shorter of the two (a multistep update's
-    history term)."""
-    terms = [w * v for w, v in zip(weights, tensors)]  # noqa: B905 - history may be longer
-    return sum(terms[1:], terms[0])
+    history term); 0.0 when every weight is a python-float zero."""
+    # (a python-float weight 0, as in Runge-Kutta tableaux, is left out)
+    terms = [w * v for w, v in zip(weights, tensors)  # noqa: B905 - history may be longer
+             if not (isinstance(w, float) and w == 0.0)]
+    return sum(terms[1:], terms[0]) if terms else 0.0

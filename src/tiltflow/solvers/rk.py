@@ -66,13 +66,11 @@ def clean_limit(x: torch.Tensor, point) -> Prediction:
     return Prediction.from_hub(x / point.coeffs.alpha, torch.zeros_like(x), x, point.coeffs)
 
 
-def _is_clean(point) -> bool:
-    return bool(point.coeffs.sigma == 0)
-
-
-def _finite_velocity(point) -> bool:
-    c = point.coeffs
-    return bool(torch.isfinite(c.d_sigma) & torch.isfinite(c.d_alpha) & (c.alpha > 0))
+def _clean(schedule, times: torch.Tensor) -> list[tuple[bool, bool]]:
+    """Per time: (sigma = 0 there, the velocity's limit ``(alpha'/alpha) x`` is finite)."""
+    c = schedule(times)
+    finite = torch.isfinite(c.d_sigma) & torch.isfinite(c.d_alpha) & (c.alpha > 0)
+    return list(zip((c.sigma == 0).tolist(), finite.tolist(), strict=True))
 
 
 def _runge_kutta(tableau, denoiser, x_init, grid, cond, guidance, record, hook):
@@ -84,20 +82,26 @@ def _runge_kutta(tableau, denoiser, x_init, grid, cond, guidance, record, hook):
     schedule = denoiser.schedule
     h = grid[1:] - grid[:-1]
     tableaux = [TABLEAUX[tableau]] * len(h)
-    end = schedule.points(grid[-1:])[0]
-    exact_end = _is_clean(end) and _finite_velocity(end)
-    if TABLEAUX[tableau][0][-1] == 1.0 and float(end) == 0.0 and not exact_end:
+    ((clean_end, finite_end),) = _clean(schedule, grid[-1:])
+    if TABLEAUX[tableau][0][-1] == 1.0 and float(grid[-1]) == 0.0 and not (clean_end and finite_end):
         tableaux[-1] = TABLEAUX["ralston3"]  # (also on VE, whose t = 0 is not clean: one NFE rule)
+    # every stage's time and schedule coefficients, in one call before the loop
+    nodes = torch.tensor(TABLEAUX[tableau][0], dtype=grid.dtype)
+    stage_times = (grid[:-1, None] + h[:, None] * nodes).flatten()
+    if tableaux[-1] is not tableaux[0]:
+        last = grid[-2] + h[-1] * torch.tensor(tableaux[-1][0], dtype=grid.dtype)
+        stage_times = torch.cat([stage_times[: -len(nodes)], last])
+    stages = iter(zip(schedule.points(stage_times), _clean(schedule, stage_times), strict=True))
     points = schedule.points(grid)
     x = x_init
-    for i, (nodes, rows, weights) in enumerate(tableaux):
-        stages = schedule.points(grid[i] + h[i] * torch.tensor(nodes, dtype=grid.dtype))
+    for i, (h_i, (_, rows, weights)) in enumerate(zip(h.unbind(), tableaux, strict=True)):
         ks, first = [], None
-        for point, row in zip(stages, rows, strict=True):
-            x_stage = x + h[i] * linear_combination(row, ks) if row else x
-            if not _is_clean(point):
+        for row in rows:
+            point, (clean, finite) = next(stages)
+            x_stage = x + h_i * linear_combination(row, ks) if row else x
+            if not clean:
                 pred = predict(x_stage, point)
-            elif _finite_velocity(point):
+            elif finite:
                 pred = clean_limit(x_stage, point)
             else:
                 raise ValueError(
@@ -107,7 +111,7 @@ def _runge_kutta(tableau, denoiser, x_init, grid, cond, guidance, record, hook):
             if first is None:
                 first = pred
             ks.append(pred.velocity)
-        x_next = x + h[i] * linear_combination(weights, ks)
+        x_next = x + h_i * linear_combination(weights, ks)
         x = predict.end_step(points[i], points[i + 1], x, x_next, first)
     return x
 

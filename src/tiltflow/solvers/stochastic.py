@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .registry import Predictor, register
+from .registry import Predictor, plan_numbers, register
 
 __all__ = ["euler_maruyama", "edm_sde", "dpmpp_2m_sde", "pc", "annealed_langevin"]
 
@@ -71,13 +71,14 @@ def euler_maruyama(denoiser, x_init, grid, *, cond=None, guidance=None, generato
             "(e.g. t_start=0.99) or use solver='ddpm'"
         )
     dts = grid[1:] - grid[:-1]
-    std = torch.where(grid[1:] == 0, torch.zeros_like(g2), (g2 * dts.abs()).sqrt())
+    std = plan_numbers(torch.where(grid[1:] == 0, torch.zeros_like(g2), (g2 * dts.abs()).sqrt()))
+    half_g2 = plan_numbers(0.5 * g2)
     predict = Predictor(denoiser, cond, guidance, record, hook)
     points = denoiser.schedule.points(grid)
     x = x_init
-    for i, dt in enumerate(dts.unbind()):
+    for i, dt in enumerate(plan_numbers(dts)):
         pred = predict(x, points[i])
-        mean = x + dt * (pred.velocity - 0.5 * g2[i] * pred.score)
+        mean = x + dt * (pred.velocity - half_g2[i] * pred.score)
         x = _gaussian_step(predict, points[i], points[i + 1], x, mean, std[i], pred, generator)
     return x
 
@@ -232,6 +233,7 @@ def dpmpp_2m_sde(denoiser, x_init, grid, *, cond=None, guidance=None, generator=
     noise_frac = torch.where(finite, -torch.expm1(-2 * eta * h_f), torch.ones_like(h))
     noise_frac = noise_frac if eta > 0 else torch.zeros_like(h)
     std = s_noise * sg_n * noise_frac.clamp_min(0).sqrt()
+    c_x, c_d0, second, std = (plan_numbers(v) for v in (c_x, c_d0, second, std))
     predict = Predictor(denoiser, cond, guidance, record, hook)
     points = denoiser.schedule.points(grid)
     x, data_prev = x_init, None
@@ -299,6 +301,8 @@ def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, reco
     std[g64[1:] == 0] = 0.0
     if not bool(torch.isfinite(std).all()):
         raise ValueError(f"pc: non-finite noise for schedule {denoiser.schedule!r} on this grid")
+    lang, c_x, c_score, std = (plan_numbers(v) for v in (lang, c_x, c_score, std))
+    c_v = plan_numbers(c_v) if c_v is not None else None
     predict = Predictor(denoiser, cond, guidance, record, hook)
     points = denoiser.schedule.points(g64)
     x = x_init
@@ -364,6 +368,7 @@ def annealed_langevin(denoiser, x_init, grid, *, cond=None, guidance=None, gener
     noise = math.sqrt(eps) * sg[:-1] / s_last
     move = a[1:] / a[:-1]  # passing y unchanged to the next level rescales x_t
     n = len(drift)
+    drift, noise, move = plan_numbers(drift), plan_numbers(noise), plan_numbers(move)
     predict = Predictor(denoiser, cond, guidance, record, hook)
     points = denoiser.schedule.points(g64)
     x = x_init
