@@ -90,11 +90,11 @@ def test_grid_gradients_of_sampling(solver):
         x_init = float(sched(torch.ones(1, dtype=F64)).sigma) * noise
         theta = torch.tensor([0.3, -0.2, 0.1, 0.4], dtype=F64, requires_grad=True)
 
-        def loss(th):
+        def loss(th, den=den, x_init=x_init):
             return (tf.solvers.solve(den, x_init, _grid_from_theta(th), solver) ** 2).sum()
 
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(loss(theta), theta)
-        fd = _central_difference(lambda: float(loss(theta)), theta)
+        fd = _central_difference(lambda th=theta, f=loss: float(f(th)), theta)
         assert torch.isfinite(grad).all(), (solver, sched)
         torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-8)

@@ -1,6 +1,6 @@
 """``tiltflow fit-solver RUN --nfe N --out FILE``: fit a trained solver for one model and NFE.
 
-Kinds (see :mod:`tiltflow.solvers.bespoke`): ``bespoke`` (scale-time RK1/RK2, Shaul et al.
+Kinds (see :mod:`tiltflow.solvers.trained`): ``bespoke`` (scale-time RK1/RK2, Shaul et al.
 2023; ``--loss rmse`` fits the endpoint RMSE, ``--loss bound`` the paper's RMSE-bound), ``bns``
 (non-stationary, Shaul et al. 2024), ``grid`` (optimised time grid of a registered solver).
 The fitted parameters go to one safetensors file; sample with it through
@@ -108,8 +108,9 @@ def _run_ems(args) -> int:
 
 
 def run(args) -> int:
-    from .solvers import bespoke as B
     from .solvers import get as get_solver
+    from .solvers import reference_solve
+    from .solvers import trained as B
 
     if args.kind != "bespoke" and (args.loss is not None or args.lipschitz is not None):
         raise UserError(f"--loss and --lipschitz apply to --kind bespoke only (got --kind "
@@ -135,9 +136,9 @@ def run(args) -> int:
         if not (math.isfinite(args.lipschitz) and args.lipschitz > 0):
             raise UserError(f"--lipschitz must be a finite number > 0, got {args.lipschitz}")
     if args.kind == "bespoke":
-        if base not in B._BASES:
+        if base not in B.BespokeSolver.BASES:
             raise UserError(f"--base for bespoke must be euler or midpoint, got {base!r}")
-        if B._BASES[base] == 2 and args.nfe % 2:
+        if B.BespokeSolver.BASES[base] == 2 and args.nfe % 2:
             raise UserError(f"a bespoke {base} solver spends 2 evaluations per step; use an "
                             f"even --nfe (got {args.nfe}) or --base euler")
     elif args.kind == "grid":
@@ -146,8 +147,8 @@ def run(args) -> int:
         get_solver(base).steps_for_nfe(args.nfe)  # clear error for an impossible NFE
     den, noises, cond, model, out = _load(args)
     print(f"computing the reference solution for {args.num_noises} noises ...")
-    x_init = B._start(den, noises)
-    ref = B.reference_solve(den, x_init, cond=cond)
+    x_init = B.start_state(den, noises)
+    ref = reference_solve(den, x_init, cond=cond).to(x_init.dtype)
     common = dict(noises=noises, reference=ref, cond=cond, model=model, progress=True)
     if args.kind == "grid":
         fitted = B.fit_grid(den, args.nfe, base, steps=steps, **grid_kw, **common)
@@ -170,7 +171,6 @@ def run(args) -> int:
 def _grid_args(args, base: str) -> dict:
     """``fit_grid`` keywords from ``--option`` / ``--method``, checked before the model loads."""
     from .config import parse_options
-    from .solvers import bespoke as B
     from .solvers import get as get_solver
 
     options = parse_options(args.option, example="variant=bh1")
@@ -184,8 +184,8 @@ def _grid_args(args, base: str) -> dict:
     info = get_solver(base)
     try:
         info.steps_for_nfe(args.nfe, options)  # clear errors for an impossible NFE / option
-        B._solver_options(info.name, options)
+        info.check_options(options)
     except ValueError as e:
         raise UserError(str(e)) from None
-    method = args.method or ("lbfgs" if info.name in B.GRID_SOLVERS else "nelder_mead")
+    method = args.method or ("lbfgs" if info.differentiable else "nelder_mead")
     return {"method": method, "options": options or None}

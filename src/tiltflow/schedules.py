@@ -20,21 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "Coeffs",
-    "GridPoint",
-    "Schedule",
-    "RectifiedFlow",
-    "Cosine",
-    "VPLinear",
-    "VPDiscrete",
-    "VE",
-    "EDM",
-    "change_of_schedule",
-    "examples",
-    "get_schedule",
-    "available",
-]
+__all__ = ["Coeffs", "GridPoint", "Schedule", "RectifiedFlow", "Cosine", "VPLinear", "VPDiscrete",
+           "VE", "EDM", "change_of_schedule", "examples", "get_schedule", "available"]
 
 
 class Coeffs(NamedTuple):
@@ -80,46 +67,36 @@ def _as_tensor(t) -> torch.Tensor:
 
 
 class Schedule(abc.ABC):
-    """Base class. Subclasses define ``alpha``/``sigma`` and their derivatives.
-
-    ``logsnr`` and ``t_from_logsnr`` have generic implementations; subclasses override them with
-    closed forms where those are more accurate.
-    """
+    """Base class. Subclasses compute ``alpha``, ``sigma`` and their derivatives together in
+    :meth:`coefficients`; ``logsnr`` and ``t_from_logsnr`` have generic implementations that
+    subclasses override with closed forms where those are more accurate."""
 
     name = "schedule"
 
     def __call__(self, t) -> Coeffs:
-        t = _as_tensor(t)
-        return Coeffs(self.alpha(t), self.sigma(t), self.d_alpha(t), self.d_sigma(t))
+        return self.coefficients(_as_tensor(t))
+
+    @abc.abstractmethod
+    def coefficients(self, t: torch.Tensor) -> Coeffs:
+        """``Coeffs(alpha, sigma, d_alpha, d_sigma)`` at the float tensor ``t``."""
+
+    def alpha(self, t) -> torch.Tensor:
+        return self(t).alpha
+
+    def sigma(self, t) -> torch.Tensor:
+        return self(t).sigma
 
     def points(self, times: torch.Tensor) -> list[GridPoint]:
         """:class:`GridPoint` s at the float64 CPU ``times`` (1-D), from one schedule call."""
         c = self(times)
         return [GridPoint(t, Coeffs(*row))
-                for t, *row in zip(times.unbind(), *(v.unbind() for v in c.as_tuple()), strict=True)]
-
-    # -- to override -------------------------------------------------------------------------
-    @abc.abstractmethod
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha."""
-
-    @abc.abstractmethod
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """sigma."""
-
-    @abc.abstractmethod
-    def d_alpha(self, t: torch.Tensor) -> torch.Tensor:
-        """d/dt alpha."""
-
-    @abc.abstractmethod
-    def d_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """d/dt sigma."""
+                for t, *row in zip(times.unbind(), *(v.unbind() for v in c), strict=True)]
 
     # -- derived -----------------------------------------------------------------------------
     def logsnr(self, t) -> torch.Tensor:
         """``2 log(alpha / sigma)``; +inf at a clean endpoint, -inf at a pure-noise one."""
-        t = _as_tensor(t)
-        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+        c = self(t)
+        return 2 * (torch.log(c.alpha) - torch.log(c.sigma))
 
     def t_from_logsnr(self, lam) -> torch.Tensor:
         """Inverse of :meth:`logsnr` by bisection (64 halvings: float64-exact)."""
@@ -152,17 +129,8 @@ class RectifiedFlow(Schedule):
 
     name = "rectified_flow"
 
-    def alpha(self, t):
-        return 1 - t
-
-    def sigma(self, t):
-        return t
-
-    def d_alpha(self, t):
-        return -torch.ones_like(t)
-
-    def d_sigma(self, t):
-        return torch.ones_like(t)
+    def coefficients(self, t):
+        return Coeffs(1 - t, t, -torch.ones_like(t), torch.ones_like(t))
 
     def logsnr(self, t):
         t = _as_tensor(t)
@@ -178,17 +146,9 @@ class Cosine(Schedule):
 
     name = "cosine"
 
-    def alpha(self, t):
-        return torch.cos(math.pi / 2 * t)
-
-    def sigma(self, t):
-        return torch.sin(math.pi / 2 * t)
-
-    def d_alpha(self, t):
-        return -math.pi / 2 * torch.sin(math.pi / 2 * t)
-
-    def d_sigma(self, t):
-        return math.pi / 2 * torch.cos(math.pi / 2 * t)
+    def coefficients(self, t):
+        cos, sin = torch.cos(math.pi / 2 * t), torch.sin(math.pi / 2 * t)
+        return Coeffs(cos, sin, -math.pi / 2 * sin, math.pi / 2 * cos)
 
     def logsnr(self, t):
         return -2 * torch.log(torch.tan(math.pi / 2 * _as_tensor(t)))
@@ -212,21 +172,12 @@ class VPLinear(Schedule):
     def _log_alpha(self, t):
         return -0.5 * self.beta_min * t - 0.25 * (self.beta_max - self.beta_min) * t**2
 
-    def _beta(self, t):
-        return self.beta_min + (self.beta_max - self.beta_min) * t
-
-    def alpha(self, t):
-        return torch.exp(self._log_alpha(t))
-
-    def sigma(self, t):
-        return torch.sqrt(-torch.expm1(2 * self._log_alpha(t)))
-
-    def d_alpha(self, t):
-        return -0.5 * self._beta(t) * self.alpha(t)
-
-    def d_sigma(self, t):
+    def coefficients(self, t):
+        la = self._log_alpha(t)
+        alpha, sigma = torch.exp(la), torch.sqrt(-torch.expm1(2 * la))
+        beta = self.beta_min + (self.beta_max - self.beta_min) * t
         # d sigma / dt = -alpha * d_alpha / sigma = beta alpha^2 / (2 sigma)
-        return 0.5 * self._beta(t) * self.alpha(t) ** 2 / self.sigma(t)
+        return Coeffs(alpha, sigma, -0.5 * beta * alpha, 0.5 * beta * alpha**2 / sigma)
 
     def logsnr(self, t):
         la = self._log_alpha(_as_tensor(t))
@@ -286,28 +237,12 @@ class VPDiscrete(Schedule):
         slope = ((kla[k + 1] - la0) / (kt[k + 1] - t0)).to(t.dtype)
         return la0.to(t.dtype) + slope * (t - t0.to(t.dtype)), slope
 
-    def __call__(self, t) -> Coeffs:
-        # the four coefficients from one table lookup (the generic __call__ would do four)
-        t = _as_tensor(t)
+    def coefficients(self, t):
         la, slope = self._log_alpha_and_slope(t)
         alpha = torch.exp(la)
+        # abs: expm1(0) is -0.0 at t = 0, and sqrt(-0.0) would give sigma = -0.0
         sigma = torch.sqrt((-torch.expm1(2 * la)).abs())
         return Coeffs(alpha, sigma, slope * alpha, -slope * torch.exp(2 * la) / sigma)
-
-    def alpha(self, t):
-        return torch.exp(self._log_alpha_and_slope(t)[0])
-
-    def sigma(self, t):
-        # abs: expm1(0) is -0.0 at t = 0, and sqrt(-0.0) would give sigma = -0.0
-        return torch.sqrt((-torch.expm1(2 * self._log_alpha_and_slope(t)[0])).abs())
-
-    def d_alpha(self, t):
-        la, slope = self._log_alpha_and_slope(t)
-        return slope * torch.exp(la)
-
-    def d_sigma(self, t):
-        la, slope = self._log_alpha_and_slope(t)
-        return -slope * torch.exp(2 * la) / torch.sqrt((-torch.expm1(2 * la)).abs())
 
     def logsnr(self, t):
         la = self._log_alpha_and_slope(_as_tensor(t))[0]
@@ -341,20 +276,12 @@ class VE(Schedule):
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
-    def alpha(self, t):
-        return torch.ones_like(t)
-
-    def sigma(self, t):
-        return self.sigma_min * torch.exp(self._log_ratio * t)
-
-    def d_alpha(self, t):
-        return torch.zeros_like(t)
-
-    def d_sigma(self, t):
-        return self._log_ratio * self.sigma(t)
+    def coefficients(self, t):
+        sigma = self.sigma_min * torch.exp(self._log_ratio * t)
+        return Coeffs(torch.ones_like(t), sigma, torch.zeros_like(t), self._log_ratio * sigma)
 
     def logsnr(self, t):
-        return -2 * torch.log(self.sigma(_as_tensor(t)))
+        return -2 * torch.log(self(t).sigma)
 
     def t_from_logsnr(self, lam):
         return (-_as_tensor(lam) / 2 - math.log(self.sigma_min)) / self._log_ratio
@@ -375,17 +302,9 @@ class EDM(Schedule):
             raise ValueError("sigma_max and sigma_data must be positive")
         self.sigma_max, self.sigma_data = float(sigma_max), float(sigma_data)
 
-    def alpha(self, t):
-        return torch.ones_like(t)
-
-    def sigma(self, t):
-        return self.sigma_max * t
-
-    def d_alpha(self, t):
-        return torch.zeros_like(t)
-
-    def d_sigma(self, t):
-        return torch.full_like(t, self.sigma_max)
+    def coefficients(self, t):
+        return Coeffs(torch.ones_like(t), self.sigma_max * t, torch.zeros_like(t),
+                      torch.full_like(t, self.sigma_max))
 
     def logsnr(self, t):
         return -2 * torch.log(self.sigma_max * _as_tensor(t))
@@ -413,23 +332,15 @@ def change_of_schedule(src: Schedule, dst: Schedule, t) -> tuple[torch.Tensor, t
     return s, scale
 
 
-_SCHEDULES = {
-    cls.name: cls for cls in (RectifiedFlow, Cosine, VPLinear, VPDiscrete, VE, EDM)
-}
+_SCHEDULES = {cls.name: cls for cls in (RectifiedFlow, Cosine, VPLinear, VPDiscrete, VE, EDM)}
 
 
 def examples() -> dict[str, Schedule]:
     """One default instance of every built-in schedule, by name (what tests and benchmarks
     sweep to check a method on every schedule)."""
-    return {
-        "rectified_flow": RectifiedFlow(),
-        "cosine": Cosine(),
-        "vp_linear": VPLinear(),
-        "vp_discrete_linear": VPDiscrete.linear(),
-        "vp_discrete_scaled_linear": VPDiscrete.scaled_linear(),
-        "ve": VE(),
-        "edm": EDM(),
-    }
+    return {"rectified_flow": RectifiedFlow(), "cosine": Cosine(), "vp_linear": VPLinear(),
+            "vp_discrete_linear": VPDiscrete.linear(),
+            "vp_discrete_scaled_linear": VPDiscrete.scaled_linear(), "ve": VE(), "edm": EDM()}
 
 
 def available() -> list[str]:

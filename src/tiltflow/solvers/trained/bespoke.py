@@ -89,7 +89,6 @@ def _rk4_in_rho(vel, z, h: float, steps: int, every: int = 0, keep: list | None 
 
 # -- Bespoke (scale-time) solver ----------------------------------------------------------------
 
-_BASES = {"euler": 1, "rk1": 1, "midpoint": 2, "rk2": 2}
 
 
 def _grid_from_logits(theta: torch.Tensor, t_start: float) -> torch.Tensor:
@@ -100,9 +99,9 @@ def _grid_from_logits(theta: torch.Tensor, t_start: float) -> torch.Tensor:
 
 
 def _base_name(base: str) -> str:
-    if base not in _BASES:
-        raise ValueError(f"bespoke base solver must be one of {sorted(_BASES)}, got {base!r}")
-    return "euler" if _BASES[base] == 1 else "midpoint"
+    if base not in BespokeSolver.BASES:
+        raise ValueError(f"bespoke base solver must be one of {sorted(BespokeSolver.BASES)}, got {base!r}")
+    return "euler" if BespokeSolver.BASES[base] == 1 else "midpoint"
 
 
 def _limit_slopes(y, m, monotone: bool):
@@ -175,12 +174,13 @@ class BespokeSolver(FittedSolver):
     """
 
     kind = "bespoke"
+    BASES = {"euler": 1, "rk1": 1, "midpoint": 2, "rk2": 2}  # base solver -> stages
 
     def __init__(self, t, dt, s, ds, *, base: str = "midpoint", **kw):
         base = _base_name(base)
         t, dt, s, ds = (torch.as_tensor(v, dtype=F64).detach().flatten().clone()
                          for v in (t, dt, s, ds))
-        order = _BASES[base]
+        order = BespokeSolver.BASES[base]
         nodes = t.numel()
         if nodes < 2 or (nodes - 1) % order or any(v.numel() != nodes for v in (dt, s, ds)):
             raise ValueError(f"t, dt, s, ds must have the same length (steps * {order} + 1)")
@@ -207,7 +207,7 @@ class BespokeSolver(FittedSolver):
         (alpha + sigma)`` uniform in ``rho = sigma / (alpha + sigma)``: RK1 is then DDIM)."""
         schedule = get_schedule(schedule)
         base = _base_name(base)
-        order = _BASES[base]
+        order = BespokeSolver.BASES[base]
         if nfe < order or nfe % order:
             raise ValueError(f"a bespoke {base} solver needs nfe a positive multiple of {order}, "
                              f"got nfe={nfe}")
@@ -419,7 +419,7 @@ def _bespoke_steps(denoiser, x_init, t, dt, s, ds, base, cond, guidance, record,
     (differentiable when fitting)."""
     predict = Predictor(denoiser, cond, guidance, record, hook)
     points = denoiser.schedule.points(t)
-    order = _BASES[base]
+    order = BespokeSolver.BASES[base]
     steps = (len(t) - 1) // order
     h = 1.0 / steps
     x = x_init
@@ -555,7 +555,7 @@ def _bound_terms(denoiser, path: GroundTruthPath, idx, t, dt, s, ds, base: str, 
                  cond) -> BoundTerms:
     """The RMSE-bound terms of the bespoke ``base`` solver with node values ``t, dt, s, ds``
     (float64 tensors, differentiable), all n steps evaluated in parallel from the GT path."""
-    order = _BASES[base]
+    order = BespokeSolver.BASES[base]
     n = (len(t) - 1) // order
     h = 1.0 / n
     x0 = path.x_init if idx is None else path.x_init[idx]
