@@ -6,7 +6,7 @@ Gaussian data ``N(mu, diag(s2))`` has the linear denoiser ``eps = e^lambda l (y 
 = -mu l`` is deterministic (``s`` has nothing to regress, ridge -> 0) and ``b = E f' = -mu l'``.
 With them ``g`` is constant in lambda and the solver is exact up to the EMS grid resolution.
 The PF-ODE flow is ``x_t = alpha_t mu + r_t (x_s - alpha_s mu) / r_s``, ``r = sqrt(alpha^2 s2 +
-sigma^2)`` (tests/test_solvers.py).
+sigma^2)`` (tests/solvers/test_registry.py).
 """
 
 import math
@@ -189,7 +189,7 @@ def test_empirical_order_three(which):
     """From t = 1 (low SNR, so the lower-order warm-up costs little) to a finite lambda, the
     slope of log error vs log steps is the order: 3 (within 0.5), for statistics constant in
     lambda and for statistics given on a grid, which the solver interpolates by C^2 cubic
-    splines (tests/test_dpm_v3_spline.py checks the order below the EMS spacing)."""
+    splines (tests/solvers/test_dpm_v3_spline.py checks the order below the EMS spacing)."""
     sched = S.VPLinear()
     den = gaussian_denoiser(sched)
     ems = EMS.constant() if which == "dpmpp" else _mismatched_ems(sched)

@@ -2,7 +2,7 @@
 
 For data ``N(mu, diag(s^2))`` the PF-ODE flow from ``(x_T, T)`` to any ``t`` is
 ``x_t = alpha_t mu + r_t (x_T - alpha_T mu) / r_T`` with ``r_t = sqrt(alpha_t^2 s^2 + sigma_t^2)``
-(see tests/test_solvers.py), so endpoint errors are measured against ground truth.
+(see tests/solvers/test_registry.py), so endpoint errors are measured against ground truth.
 
 Why the order tests use these grids. A multistep method warms up with lower orders: its first
 step is first order (UniPC: UniP-1 + UniC-1, second order), so its starting error is

@@ -2,7 +2,7 @@
 
 For data ``N(mu, diag(s^2))`` the PF-ODE flow from ``(t0, x0)`` to ``t1`` is exact:
 ``x_t1 = alpha_1 mu + r_1 (x0 - alpha_0 mu) / r_0`` with ``r = sqrt(alpha^2 s^2 + sigma^2)``
-(see tests/test_solvers.py), so every endpoint error below is measured against ground truth,
+(see tests/solvers/test_registry.py), so every endpoint error below is measured against ground truth,
 including VE, whose t = 0 keeps noise sigma_min.
 """
 

@@ -15,8 +15,7 @@ from gaussian_flow import MU, S2, exact_flow, gaussian_denoiser
 import tiltflow as tf
 from tiltflow import analytic
 from tiltflow import schedules as S
-from tiltflow.solvers import grids, rk  # importing rk registers midpoint, rk4, dopri5
-from tiltflow.solvers import reference_solve
+from tiltflow.solvers import grids, reference_solve, rk  # importing rk registers midpoint, rk4, dopri5
 
 F64 = torch.float64
 SMOOTH = [S.RectifiedFlow(), S.Cosine()]

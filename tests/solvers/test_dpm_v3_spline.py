@@ -130,7 +130,7 @@ def test_order_three_below_the_ems_spacing(schedule, t_start):
     With piecewise-linear statistics both failed: the errors were erratic (each step across a
     kink of ``g`` loses O(h^2), its sign set by where the kink falls) and the slopes 2.3 and 2.1.
     Starts at low SNR so the order-1 first step of the multistep warm-up (uncorrected, an
-    O(h^2) local error) is negligible, as in test_solvers_dpm_v3.test_empirical_order_three."""
+    O(h^2) local error) is negligible, as in tests/solvers/test_dpm_v3.py::test_empirical_order_three."""
     den = gaussian_denoiser(schedule)
     other = gaussian_denoiser(schedule, mu=torch.tensor([-1.0, 0.5], dtype=F64),
                               s2=torch.tensor([1.0, 0.5], dtype=F64))

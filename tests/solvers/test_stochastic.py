@@ -4,7 +4,7 @@ against exact targets.
 Gaussian data ``N(mu, diag(s^2))`` has a closed-form denoiser on every schedule, so each
 sampler's output moments are compared with the truth; tolerances are Monte-Carlo standard
 errors plus the discretisation bias, bounded (first order) by the change when the step is
-halved, as in ``tests/test_solvers.py``.
+halved, as in ``tests/solvers/test_registry.py``.
 """
 
 import math
