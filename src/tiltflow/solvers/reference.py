@@ -31,7 +31,7 @@ import torch
 
 from .registry import Predictor, StepRecord, linear_combination, register
 
-__all__ = ["dopri5", "reference_solve"]
+__all__ = ["dopri5", "reference_solve", "reference_path"]
 
 _F64 = torch.float64
 
@@ -244,3 +244,20 @@ def reference_solve(denoiser, x_init: torch.Tensor, t_start: float = 1.0, t_end:
     with torch.no_grad():
         return _dopri5_run(denoiser, x_init.to(_F64), grid, cond, guidance, None, rtol, atol,
                            max_nfe, stats)
+
+
+def reference_path(denoiser, x_init: torch.Tensor, times, rtol: float = 1e-10,
+                   atol: float = 1e-10, *, cond=None, max_nfe: int = 200_000) -> torch.Tensor:
+    """The PF-ODE's states at each of ``times`` (monotone, ``times[0]`` the time of
+    ``x_init``): one :func:`reference_solve` run that lands on every time. Returns float64
+    ``[len(times), B, ...]``."""
+    grid = torch.as_tensor(times, dtype=_F64).flatten()
+    record: list[StepRecord] = []
+    with torch.no_grad():
+        _dopri5_run(denoiser, x_init.to(_F64), grid, cond, None, record, rtol, atol, max_nfe,
+                    None)
+    stops = grid.tolist()
+    landed = [r.x_next for r in record if r.t_next in set(stops[1:])]
+    if len(landed) != len(stops) - 1:
+        raise RuntimeError(f"the reference landed on {len(landed)} of {len(stops) - 1} times")
+    return torch.stack([x_init.to(_F64), *landed])

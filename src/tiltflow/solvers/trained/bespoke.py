@@ -11,7 +11,9 @@ import time
 import torch
 
 from ...schedules import Schedule, get_schedule
+from ..reference import reference_path
 from ..registry import Predictor
+from ..rk import clean_limit
 from .base import (
     F64,
     FittedSolver,
@@ -27,7 +29,7 @@ from .base import (
 __all__ = ["BespokeSolver", "GroundTruthPath", "ground_truth_path", "BoundTerms", "LOSSES"]
 
 
-# -- reference solution --------------------------------------------------------------------------
+# -- rectified-flow coordinates -------------------------------------------------------------------
 
 def _rf_coords(schedule: Schedule, t: torch.Tensor):
     """Rectified-flow time ``rho = sigma / (alpha + sigma)`` and scale ``alpha + sigma`` at t."""
@@ -39,55 +41,6 @@ def _t_from_rho(schedule: Schedule, rho: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         lam = 2 * (torch.log1p(-rho) - torch.log(rho))
         return schedule.t_from_logsnr(lam).clamp(0.0, 1.0)
-
-
-
-def _rho_stages(sched, t_start: float, rho0: float, rho_end: float, steps: int,
-                min_rho: float = 0.0):
-    """``h`` and the RK4 stage abscissae (start, midpoint, end of each of ``steps`` uniform
-    steps in rho from ``rho0`` to ``rho_end``, none below ``min_rho``) as consistent python-float
-    lists ``(ts, rhos, scales)`` after the inversion rho -> t."""
-    h = (rho_end - rho0) / steps
-    stage_rho = torch.tensor([rho0 + h * (i + f) for i in range(steps) for f in (0.0, 0.5, 1.0)],
-                             dtype=F64)
-    if min_rho:
-        stage_rho = stage_rho.clamp_min(min_rho)
-    stage_t = _t_from_rho(sched, stage_rho.clamp(1e-300, 1.0))
-    stage_t[0] = t_start
-    stage_rho, stage_scale = _rf_coords(sched, stage_t)  # consistent pairs after the inversion
-    return h, (stage_t.tolist(), stage_rho.tolist(), stage_scale.tolist())
-
-
-def _rf_velocity(denoiser, stages, batch: int, cond):
-    """``vel(z, k)``: ``dz/drho = eps_hat - x_hat = (z - x_hat) / rho`` at stage ``k`` (as
-    ``z = (1 - rho) x_hat + rho eps_hat``), in float64."""
-    ts, rhos, scales = stages
-
-    def vel(z, k):
-        x_t = z * scales[k]
-        x_hat = denoiser(x_t, torch.full((batch,), ts[k], dtype=F64), cond).data.to(F64)
-        return (z - x_hat) / rhos[k]
-
-    return vel
-
-
-def _rk4_in_rho(vel, z, h: float, steps: int, every: int = 0, keep: list | None = None):
-    """Classical RK4 (Kutta 1901) on ``dz/drho = vel`` over the stages of :func:`_rho_stages`;
-    with ``keep``, appends ``(z, dz/drho)`` at the start of every ``every``-th step."""
-    for i in range(steps):
-        k = 3 * i
-        k1 = vel(z, k)
-        if keep is not None and i % every == 0:
-            keep.append((z, k1))
-        k2 = vel(z + 0.5 * h * k1, k + 1)
-        k3 = vel(z + 0.5 * h * k2, k + 1)
-        k4 = vel(z + h * k3, k + 2)
-        z = z + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return z
-
-
-
-# -- Bespoke (scale-time) solver ----------------------------------------------------------------
 
 
 
@@ -440,7 +393,6 @@ def _bespoke_steps(denoiser, x_init, t, dt, s, ds, base, cond, guidance, record,
 # -- the RMSE-bound loss (Shaul et al. 2023, sec. 2) ---------------------------------------------
 
 LOSSES = ("rmse", "bound")
-_MIN_RHO = 1e-7  # where t = 0 is clean, the GT path's velocity is evaluated no closer than this
 
 
 def _check_loss(loss: str, lipschitz) -> float:
@@ -462,46 +414,50 @@ class GroundTruthPath:
     then evaluated at any times, differentiably in ``t``: what the RMSE-bound loss needs
     (Shaul et al. 2023, sec. 2 and Algorithm 3: "GT path" ``x(t_i)`` at the solver's times).
 
-    Computed by classical RK4 in the rectified-flow coordinates
-    ``z = x_t / (alpha + sigma)``, ``rho = sigma / (alpha + sigma)``, where ``dz/drho =
-    eps_hat - x_hat`` is smooth on every schedule) with ``knots * substeps`` uniform steps in
-    rho; ``z`` and ``dz/drho`` are stored at ``knots + 1`` uniform knots and :meth:`at`
-    evaluates the C^1 cubic Hermite interpolant there, ``x(t) = (alpha(t) + sigma(t))
-    z(rho(t))``. Its derivative in ``t`` is the interpolant's, i.e. the PF-ODE velocity
-    ``u_t(x(t))`` to interpolation accuracy: the paper gets the same gradient with
-    ``x_aux = x(sg t) + u_t(x(sg t)) (t - sg t)`` (Algorithm 3).
+    The states come from :func:`~tiltflow.solvers.reference.reference_path` (the one reference
+    solver) at ``knots + 1`` times uniform in the rectified-flow time ``rho = sigma / (alpha +
+    sigma)``; in the coordinates ``z = x_t / (alpha + sigma)`` the PF-ODE is ``dz/drho =
+    eps_hat - x_hat``, smooth on every schedule (a scale-time change, Shaul et al. 2023,
+    sec. 2), so :meth:`at` evaluates the C^1 cubic Hermite interpolant of ``z`` and ``dz/drho``
+    at the knots, ``x(t) = (alpha(t) + sigma(t)) z(rho(t))``. Its derivative in ``t`` is the
+    interpolant's, i.e. the PF-ODE velocity ``u_t(x(t))`` to interpolation accuracy: the paper
+    gets the same gradient with ``x_aux = x(sg t) + u_t(x(sg t)) (t - sg t)`` (Algorithm 3).
 
     Memory: ``2 (knots + 1)`` float64 copies of the pool (``x_init``).
     """
 
     def __init__(self, denoiser, x_init: torch.Tensor, *, cond=None, knots: int = 64,
-                 substeps: int = 4, t_start: float = 1.0):
-        if int(knots) != knots or knots < 1 or int(substeps) != substeps or substeps < 1:
-            raise ValueError(f"knots and substeps must be positive integers, got {knots}, "
-                             f"{substeps}")
-        self.schedule = denoiser.schedule
+                 t_start: float = 1.0):
+        if int(knots) != knots or knots < 1:
+            raise ValueError(f"knots must be a positive integer, got {knots}")
+        self.schedule = sched = denoiser.schedule
         self.knots, self.t_start = int(knots), float(t_start)
         t0 = time.perf_counter()
-        sched = self.schedule
         ends = torch.tensor([self.t_start, 0.0], dtype=F64)
-        rho_ends, scale_ends = _rf_coords(sched, ends)
+        rho_ends, _ = _rf_coords(sched, ends)
         self.rho0, self.rho1 = float(rho_ends[0]), float(rho_ends[1])
-        clean_end = float(sched(ends[1:]).sigma) == 0.0
-        steps = self.knots * int(substeps)
-        h, stages = _rho_stages(sched, self.t_start, self.rho0, self.rho1, steps,
-                                _MIN_RHO if clean_end else 0.0)
-        vel = _rf_velocity(denoiser, stages, x_init.shape[0], cond)
-        kept: list = []
-        with torch.no_grad():
-            z = _rk4_in_rho(vel, x_init.to(F64) / float(scale_ends[0]), h, steps,
-                            every=int(substeps), keep=kept)
-            kept.append((z, vel(z, 3 * steps - 1)))
-        zs, dzs = zip(*kept, strict=True)
-        self.z = torch.stack(zs)  # [knots + 1, B, ...]
-        self.dz = torch.stack(dzs) * ((self.rho1 - self.rho0) / self.knots)  # d z / d knot
+        rho = torch.linspace(self.rho0, self.rho1, self.knots + 1, dtype=F64)
+        times = _t_from_rho(sched, rho.clamp(1e-300, 1.0))
+        times[0], times[-1] = self.t_start, 0.0
+        states = reference_path(denoiser, x_init, times, cond=cond)  # [knots + 1, B, ...]
+        _, scales = _rf_coords(sched, times)
+        shape = (-1,) + (1,) * (states.dim() - 1)
+        self.z = states / scales.reshape(shape)
+        self.dz = torch.stack([self._dz_drho(denoiser, x, p, cond)
+                               for x, p in zip(states, sched.points(times), strict=True)])
+        self.dz = self.dz * ((self.rho1 - self.rho0) / self.knots)  # d z / d knot
         self.x_init = x_init.to(F64)
-        self.end = (self.z[-1] * float(scale_ends[1])).to(F64)  # x(0)
+        self.end = states[-1]  # x(0)
         self.seconds = time.perf_counter() - t0
+
+    @staticmethod
+    def _dz_drho(denoiser, x_t, point, cond):
+        """``dz/drho = eps_hat - x_hat``; at sigma = 0 the exact limit ``eps_hat = 0`` (no
+        network call there)."""
+        with torch.no_grad():
+            pred = clean_limit(x_t, point) if float(point.coeffs.sigma) == 0 else \
+                denoiser(x_t, point, cond)
+            return (pred.noise - pred.data).to(F64)
 
     def __len__(self) -> int:
         return self.z.shape[1]
@@ -524,12 +480,11 @@ class GroundTruthPath:
         return scale * val
 
 
-def ground_truth_path(denoiser, noises: torch.Tensor, *, cond=None, knots: int = 64,
-                      substeps: int = 4) -> GroundTruthPath:
+def ground_truth_path(denoiser, noises: torch.Tensor, *, cond=None, knots: int = 64
+                      ) -> GroundTruthPath:
     """The :class:`GroundTruthPath` of standard-normal ``noises`` (scaled by ``sigma(1)``)."""
     check_noises(noises)
-    return GroundTruthPath(denoiser, start_state(denoiser, noises), cond=cond, knots=knots,
-                           substeps=substeps)
+    return GroundTruthPath(denoiser, start_state(denoiser, noises), cond=cond, knots=knots)
 
 
 class BoundTerms:
