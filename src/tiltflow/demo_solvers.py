@@ -10,8 +10,7 @@ Helpers (used by ``benchmarks/solvers_suite.py`` too):
 - :func:`deterministic_solvers`: every registered non-stochastic solver (importing all solver
   modules first, so whatever is in ``tiltflow/solvers/`` is measured).
 - :func:`reference`: the PF-ODE's exact map of a start state, in float64:
-  ``tiltflow.solvers.rk.reference_solve`` (adaptive Dormand–Prince at tight tolerance) when it
-  exists, else :func:`reference_rk4`.
+  ``tiltflow.solvers.reference_solve`` (adaptive Dormand–Prince at tight tolerance).
 - :func:`reference_rk4`: an independent check: classic RK4 (Kutta 1901) in the rectified-flow
   variable. Any schedule's state maps to rectified flow's at the same log-SNR
   (``x_rf = x_t / (alpha + sigma)`` at ``tau = sigma / (alpha + sigma)``; Karras et al. 2022,
@@ -93,13 +92,11 @@ def reference_rk4(gmm: analytic.GaussianMixture, schedule: Schedule, x_init: tor
 def reference(gmm: analytic.GaussianMixture, schedule: Schedule, x_init: torch.Tensor,
               t_start: float = 1.0, t_end: float = 0.0) -> tuple[torch.Tensor, str]:
     """``(x_end, how)``: the exact PF-ODE map of ``x_init`` from ``t_start`` to ``t_end``."""
-    try:
-        from .solvers.rk import reference_solve
-    except ImportError:
-        return reference_rk4(gmm, schedule, x_init, t_start, t_end), "RK4 in rectified-flow time"
+    from .solvers import reference_solve
+
     den = gmm.denoiser(schedule)
     return (reference_solve(den, x_init.to(_F64), t_start, t_end),
-            "tiltflow.solvers.rk.reference_solve (dopri5, rtol=atol=1e-10)")
+            "tiltflow.solvers.reference_solve (dopri5, rtol=atol=1e-10)")
 
 
 def endpoint_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -20,7 +20,7 @@ from .schedules import Coeffs
 
 KINDS = ("noise", "data", "velocity", "v", "score")
 
-__all__ = ["KINDS", "check_kind", "to_hub", "from_hub", "convert", "Prediction"]
+__all__ = ["KINDS", "check_kind", "to_data", "to_noise", "to_hub", "from_hub", "convert", "Prediction"]
 
 
 def check_kind(kind: str) -> str:
@@ -29,30 +29,47 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def to_hub(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coeffs):
-    """Return ``(x_hat, eps_hat)`` from a ``kind`` prediction. ``c`` must broadcast with
-    ``x_t`` (see :meth:`Coeffs.expand`)."""
-    a, s, da, ds = c.as_tuple()
-    if kind == "noise":
-        return (x_t - s * out) / a, out
+def to_data(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coeffs) -> torch.Tensor:
+    """``x_hat`` from a ``kind`` prediction (``c`` broadcasts with ``x_t``, see
+    :meth:`Coeffs.expand`)."""
+    a, s, da, ds = c
     if kind == "data":
-        return out, (x_t - a * out) / s
-    if kind == "velocity":
-        # solve [a s; da ds] [x; eps] = [x_t; v]
-        det = a * ds - s * da
-        return (ds * x_t - s * out) / det, (a * out - da * x_t) / det
+        return out
+    if kind == "noise":
+        return (x_t - s * out) / a
+    if kind == "velocity":  # solve [a s; da ds] [x; eps] = [x_t; v]
+        return (ds * x_t - s * out) / (a * ds - s * da)
     if kind == "v":
-        norm = a * a + s * s
-        return (a * x_t - s * out) / norm, (s * x_t + a * out) / norm
-    if kind == "score":
-        eps = -s * out
-        return (x_t - s * eps) / a, eps
+        return (a * x_t - s * out) / (a * a + s * s)
+    if kind == "score":  # eps = -s score
+        return (x_t + s * s * out) / a
     check_kind(kind)
+
+
+def to_noise(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coeffs) -> torch.Tensor:
+    """``eps_hat`` from a ``kind`` prediction."""
+    a, s, da, ds = c
+    if kind == "noise":
+        return out
+    if kind == "data":
+        return (x_t - a * out) / s
+    if kind == "velocity":
+        return (a * out - da * x_t) / (a * ds - s * da)
+    if kind == "v":
+        return (s * x_t + a * out) / (a * a + s * s)
+    if kind == "score":
+        return -s * out
+    check_kind(kind)
+
+
+def to_hub(kind: str, out: torch.Tensor, x_t: torch.Tensor, c: Coeffs):
+    """Return ``(x_hat, eps_hat)`` from a ``kind`` prediction."""
+    return to_data(kind, out, x_t, c), to_noise(kind, out, x_t, c)
 
 
 def from_hub(kind: str, x_hat: torch.Tensor, eps_hat: torch.Tensor, c: Coeffs) -> torch.Tensor:
     """Return the ``kind`` prediction implied by ``(x_hat, eps_hat)``."""
-    a, s, da, ds = c.as_tuple()
+    a, s, da, ds = c
     if kind == "noise":
         return eps_hat
     if kind == "data":
@@ -77,26 +94,41 @@ def convert(out: torch.Tensor, src: str, dst: str, x_t: torch.Tensor, c: Coeffs)
 class Prediction:
     """A denoiser's output at ``(x_t, t)``, readable as any kind.
 
-    ``pred.data``, ``pred.noise``, ``pred.velocity``, ``pred.v``, ``pred.score``; conversions
-    are computed on first access from the hub pair. ``coeffs`` are broadcast to ``x_t``.
+    ``pred.data``, ``pred.noise``, ``pred.velocity``, ``pred.v``, ``pred.score``; each half of
+    the hub pair is computed on first use (a solver reading only ``data`` or only ``noise``
+    pays for that half). ``coeffs`` broadcast against ``x_t``.
     """
 
-    __slots__ = ("x_t", "coeffs", "kind", "raw", "_hub")
+    __slots__ = ("x_t", "coeffs", "kind", "raw", "_x_hat", "_eps_hat")
 
     def __init__(self, raw: torch.Tensor, kind: str, x_t: torch.Tensor, coeffs: Coeffs):
         self.raw, self.kind, self.x_t, self.coeffs = raw, check_kind(kind), x_t, coeffs
-        self._hub = None
+        self._x_hat = self._eps_hat = None
+
+    @property
+    def x_hat(self) -> torch.Tensor:
+        if self._x_hat is None:
+            self._x_hat = to_data(self.kind, self.raw, self.x_t, self.coeffs)
+        return self._x_hat
+
+    @property
+    def eps_hat(self) -> torch.Tensor:
+        if self._eps_hat is None:
+            self._eps_hat = to_noise(self.kind, self.raw, self.x_t, self.coeffs)
+        return self._eps_hat
 
     @property
     def hub(self):
-        if self._hub is None:
-            self._hub = to_hub(self.kind, self.raw, self.x_t, self.coeffs)
-        return self._hub
+        return self.x_hat, self.eps_hat
 
     def as_kind(self, kind: str) -> torch.Tensor:
         if kind == self.kind:
             return self.raw
-        return from_hub(check_kind(kind), *self.hub, self.coeffs)
+        if kind == "data":
+            return self.x_hat
+        if kind in ("noise", "score"):
+            return from_hub(kind, None, self.eps_hat, self.coeffs)
+        return from_hub(check_kind(kind), self.x_hat, self.eps_hat, self.coeffs)
 
     data = property(lambda self: self.as_kind("data"), doc="E[x | x_t]")
     noise = property(lambda self: self.as_kind("noise"), doc="E[noise | x_t]")
@@ -108,7 +140,7 @@ class Prediction:
     def from_hub(cls, x_hat, eps_hat, x_t, coeffs) -> Prediction:
         """Build from an ``(x_hat, eps_hat)`` pair, e.g. after combining two predictions."""
         p = cls(x_hat, "data", x_t, coeffs)
-        p._hub = (x_hat, eps_hat)
+        p._eps_hat = eps_hat
         return p
 
     def __repr__(self) -> str:

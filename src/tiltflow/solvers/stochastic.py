@@ -311,9 +311,8 @@ def pc(denoiser, x_init, grid, *, cond=None, guidance=None, generator=None, reco
             pred = predict(x, points[i])
             g = pred.score
             z = _randn_like(x, generator)
-            z_norm = z.flatten(1).norm(dim=1).mean()
-            g_norm = g.flatten(1).norm(dim=1).mean().clamp_min(torch.finfo(x.dtype).tiny)
-            step = lang[i] * (z_norm / g_norm) ** 2
+            z_norm, g_norm = (torch.linalg.vector_norm(v.flatten(1), dim=1).mean() for v in (z, g))
+            step = lang[i] * (z_norm / g_norm.clamp_min(torch.finfo(x.dtype).tiny)) ** 2
             x = predict.end_step(points[i], points[i], x, x + step * g + (2 * step).sqrt() * z, pred)
         pred = predict(x, points[i])  # predictor to t_{i+1}
         mean = c_x[i] * x + c_score[i] * pred.score
