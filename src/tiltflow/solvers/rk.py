@@ -83,12 +83,14 @@ def _runge_kutta(tableau, denoiser, x_init, grid, cond, guidance, record, hook):
     h = grid[1:] - grid[:-1]
     tableaux = [TABLEAUX[tableau]] * len(h)
     ((clean_end, finite_end),) = _clean(schedule, grid[-1:])
-    if TABLEAUX[tableau][0][-1] == 1.0 and float(grid[-1]) == 0.0 and not (clean_end and finite_end):
-        tableaux[-1] = TABLEAUX["ralston3"]  # (also on VE, whose t = 0 is not clean: one NFE rule)
+    ralston_last = (TABLEAUX[tableau][0][-1] == 1.0 and float(grid[-1]) == 0.0
+                    and not (clean_end and finite_end))
+    if ralston_last:  # (also on VE, whose t = 0 is not clean: one NFE rule)
+        tableaux[-1] = TABLEAUX["ralston3"]
     # every stage's time and schedule coefficients, in one call before the loop
     nodes = torch.tensor(TABLEAUX[tableau][0], dtype=grid.dtype)
     stage_times = (grid[:-1, None] + h[:, None] * nodes).flatten()
-    if tableaux[-1] is not tableaux[0]:
+    if ralston_last:
         last = grid[-2] + h[-1] * torch.tensor(tableaux[-1][0], dtype=grid.dtype)
         stage_times = torch.cat([stage_times[: -len(nodes)], last])
     stages = iter(zip(schedule.points(stage_times), _clean(schedule, stage_times), strict=True))
