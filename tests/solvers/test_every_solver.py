@@ -116,3 +116,26 @@ def test_steps_and_an_explicit_grid_of_another_length_is_an_error():
     x = tf.sample(den, _noise(), "euler", steps=5, grid=tf.solvers.grids.uniform(5))
     torch.testing.assert_close(x, tf.sample(den, _noise(), "euler", grid=tf.solvers.grids.uniform(5),
                                             nfe=5))
+
+
+@pytest.mark.parametrize("solver", ["rk4", "rk4_38"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_the_final_vp_step_of_rk4_is_ralstons(solver, steps):
+    """On VP the velocity is singular at t = 0, so the last step of rk4 / rk4_38 is Ralston's
+    third-order step (k2 at h/2, k3 at 3h/4 from k2, weights 2/9, 1/3, 4/9), written out here
+    from the exact Gaussian denoiser; a one-step grid is that step alone."""
+    den = gaussian_denoiser(SCHED)
+    grid = tf.solvers.grids.uniform(steps)
+    x_init = float(SCHED(grid[:1]).sigma) * _noise()
+    x = tf.solvers.solve(den, x_init, grid[:-1], solver) if steps > 1 else x_init
+    t, h = float(grid[-2]), float(grid[-1] - grid[-2])
+
+    def v(y, time):
+        return den(y, torch.full((y.shape[0],), time, dtype=F64)).velocity
+
+    k1 = v(x, t)
+    k2 = v(x + h / 2 * k1, t + h / 2)
+    k3 = v(x + 3 * h / 4 * k2, t + 3 * h / 4)
+    ralston = x + h * (2 * k1 + 3 * k2 + 4 * k3) / 9
+    torch.testing.assert_close(tf.solvers.solve(den, x_init, grid, solver), ralston,
+                               rtol=1e-12, atol=1e-12)
