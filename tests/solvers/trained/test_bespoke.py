@@ -208,7 +208,7 @@ def test_bad_files_and_arguments(bed, tmp_path):
 def test_cli_fit_solver(tmp_path):
     import argparse
 
-    from tiltflow import cli_fit_solver
+    from tiltflow.cli import fit_solver as cli_fit_solver
     from tiltflow.cli import main
     from tiltflow.runs import load_trained
 

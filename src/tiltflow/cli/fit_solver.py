@@ -5,9 +5,6 @@ Kinds (see :mod:`tiltflow.solvers.trained`): ``bespoke`` (scale-time RK1/RK2, Sh
 (non-stationary, Shaul et al. 2024), ``grid`` (optimised time grid of a registered solver).
 The fitted parameters go to one safetensors file; sample with it through
 ``tiltflow.sample(den, noise, "bespoke", nfe=N, options={"params": FILE})``.
-
-Wire-up in ``cli.py``: ``cli_fit_solver.add_parser(sub)`` in ``_parser`` and
-``COMMANDS["fit-solver"] = cli_fit_solver.run``.
 """
 
 from __future__ import annotations
@@ -15,13 +12,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 _DEFAULT_BASE = {"bespoke": "midpoint", "bns": "ddim", "grid": "auto"}
 _DEFAULT_STEPS = {"bespoke": 400, "bns": 600, "grid": None}  # grid: fit_grid's, per method
 
 
-def add_parser(subparsers):
+def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "fit-solver", help="fit a bespoke / BNS solver or an optimised grid for a trained run",
         description="Learn solver parameters for ONE model and ONE NFE by matching a tight "
@@ -41,8 +38,8 @@ def add_parser(subparsers):
                    help="grid: an option of the --base solver, repeatable (e.g. --option "
                         "variant=bh1 for unipc); saved with the grid")
     p.add_argument("--method", choices=["lbfgs", "adam", "nelder_mead"], default=None,
-                   help="grid: optimiser (default lbfgs through the solver's differentiable "
-                        "twin, nelder_mead for a solver without one)")
+                   help="grid: optimiser (default lbfgs through the registered solver, "
+                        "nelder_mead for one not differentiable in its grid)")
     p.add_argument("--loss", default=None,
                    help="bespoke only: rmse (endpoint RMSE to the reference, the default) or "
                         "bound (the paper's RMSE-bound: local errors along the ground-truth "
@@ -59,14 +56,13 @@ def add_parser(subparsers):
                    help="class label for conditional models (default: labels cycle over classes)")
     p.add_argument("--out", required=True, help="output file (.safetensors)")
     p.add_argument("--no-ema", action="store_true", help="fit on the raw weights, not the EMA")
-    return p
 
 
 def _load(args):
     """The run's denoiser in float64, the training noises, labels and a model description."""
     import torch
 
-    from .runs import load_trained
+    from ..runs import load_trained
 
     if args.num_noises < 2:
         raise UserError(f"--num-noises must be >= 2, got {args.num_noises}")
@@ -96,7 +92,7 @@ def _load(args):
 
 
 def _run_ems(args) -> int:
-    from .solvers import dpm_v3
+    from ..solvers import dpm_v3
 
     den, noises, cond, model, out = _load(args)
     print(f"computing DPM-Solver-v3 statistics on {len(noises)} trajectories ...")
@@ -108,9 +104,9 @@ def _run_ems(args) -> int:
 
 
 def run(args) -> int:
-    from .solvers import get as get_solver
-    from .solvers import reference_solve
-    from .solvers import trained as B
+    from ..solvers import get as get_solver
+    from ..solvers import reference_solve
+    from ..solvers import trained as B
 
     if args.kind != "bespoke" and (args.loss is not None or args.lipschitz is not None):
         raise UserError(f"--loss and --lipschitz apply to --kind bespoke only (got --kind "
@@ -170,8 +166,8 @@ def run(args) -> int:
 
 def _grid_args(args, base: str) -> dict:
     """``fit_grid`` keywords from ``--option`` / ``--method``, checked before the model loads."""
-    from .config import parse_options
-    from .solvers import get as get_solver
+    from ..config import parse_options
+    from ..solvers import get as get_solver
 
     options = parse_options(args.option, example="variant=bh1")
     if base == "auto":
