@@ -16,19 +16,26 @@ are disjoint from the evaluation noises. The suite can add them with
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import time
+from pathlib import Path
 
 import torch
 
 from tiltflow import analytic, schedules, solvers
-from tiltflow.demo_solvers import (
+from tiltflow.solvers import dpm_v3, grids
+from tiltflow.solvers.compare import (
     counting_denoiser,
     endpoint_rmse,
     reference,
-    reference_rk4,
 )
-from tiltflow.solvers import dpm_v3, grids
+
+# a sibling of benchmarks/common.py, loaded by path like it (benchmarks/ is not a package)
+_spec = importlib.util.spec_from_file_location("tiltflow_bench_rk4_check",
+                                               Path(__file__).with_name("rk4_check.py"))
+_rk4_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_rk4_check)
 
 _F64 = torch.float64
 SCHEDULES = ("vp_discrete_linear", "rectified_flow")
@@ -77,7 +84,7 @@ def run_rows(quick: bool = False, beds=None, schedule_names=SCHEDULES, grid_name
                 x_init = _start(gmm, schedule, n_points, seed)
                 ref, _ = reference(gmm, schedule, x_init)
                 k = min(100, n_points)
-                floor = endpoint_rmse(ref[:k], reference_rk4(gmm, schedule, x_init[:k]))
+                floor = endpoint_rmse(ref[:k], _rk4_check.reference_rk4(gmm, schedule, x_init[:k]))
                 t0 = time.perf_counter()
                 ems_noise = torch.randn(n_ems, gmm.dim, dtype=_F64,
                                         generator=torch.Generator().manual_seed(EMS_SEED))

@@ -36,16 +36,15 @@ from pathlib import Path
 import torch
 
 from tiltflow import analytic, metrics, schedules, solvers
-from tiltflow.demo_solvers import (
+from tiltflow.denoiser import Denoiser
+from tiltflow.solvers import grids
+from tiltflow.solvers.compare import (
     deterministic_solvers,
     endpoint_rmse,
     measure_solver,
     reference,
-    reference_rk4,
     spendable_nfe,
 )
-from tiltflow.denoiser import Denoiser
-from tiltflow.solvers import grids
 
 # benchmarks/ is not a package (``tiltflow bench`` loads suites by file path): load the shared
 # helpers in common.py by path too
@@ -137,7 +136,7 @@ def endpoint_errors(bed: str, schedule_name: str, nfes=NFES, n_points: int = 100
         x, how = reference(gmm, schedule, x, t_prev, t_end)
         refs[t_end], t_prev = x, t_end
     k = min(check_points, n_points)
-    check = reference_rk4(gmm, schedule, x_init[:k])
+    check = bench.load_sibling("rk4_check").reference_rk4(gmm, schedule, x_init[:k])
     floor = endpoint_rmse(refs[0.0][:k], check)
     info = {"reference": how, "reference_seconds": round(time.perf_counter() - t0, 1),
             "reference_check": f"independent RK4 (500 steps in rectified-flow time) on {k} "

@@ -147,7 +147,7 @@ def digits_part(out: Path, report: Report, quick: bool) -> None:
 
 
 def _solvers_part(out: Path, report: Report, quick: bool) -> None:
-    from .demo_solvers import solvers_part
+    from .solvers.demo import solvers_part
 
     solvers_part(out, report, quick)
 
