@@ -614,3 +614,18 @@ def test_bad_arguments_raise_clear_errors():
         "flow_matching",
         "rectified_flow",
     }
+
+
+@pytest.mark.parametrize("name", objectives.available())
+def test_a_run_takes_its_defaults_from_the_objective(name):
+    """A run config naming only the objective gets the schedule, prediction kind and
+    preconditioning that objective declares (no per-name branching in runs.py)."""
+    from tiltflow.runs import build_run
+
+    obj = objectives.get(name)
+    _, den, built = build_run({"data": {"name": "eight_gaussians", "n": 64},
+                               "model": {"hidden": 8, "depth": 1}, "objective": name})
+    assert type(built) is type(obj)
+    assert den.schedule.name == obj.default_schedule
+    assert den.prediction == obj.default_prediction
+    assert den.precondition == obj.default_precondition

@@ -18,13 +18,7 @@ from .denoiser import Denoiser
 from .errors import UserError
 from .schedules import get_schedule
 
-__all__ = ["build_run", "load_trained", "Trained", "DEFAULT_PREDICTION"]
-
-#: The prediction kind each objective trains, unless the config's ``model.prediction`` says.
-DEFAULT_PREDICTION = {
-    "flow_matching": "velocity", "rectified_flow": "velocity", "ddpm": "noise",
-    "ncsn": "score", "ssm": "score", "edm": "data",
-}
+__all__ = ["build_run", "load_trained", "Trained"]
 
 
 def _spec(value, default_name: str | None = None) -> dict:
@@ -53,10 +47,12 @@ def data_info(dataset) -> dict:
             "shift": dataset.shift.tolist(), "scale": dataset.scale.tolist()}
 
 
-def build_denoiser(model_spec: dict, schedule_spec, objective_name: str, info: dict) -> Denoiser:
+def build_denoiser(model_spec: dict, schedule_spec, objective, info: dict) -> Denoiser:
+    """The run's denoiser; the objective supplies the schedule, prediction kind and
+    preconditioning the config leaves out."""
     spec = _spec(model_spec)
-    prediction = spec.pop("prediction", DEFAULT_PREDICTION.get(objective_name, "velocity"))
-    precondition = bool(spec.pop("precondition", objective_name == "edm"))
+    prediction = spec.pop("prediction", objective.default_prediction)
+    precondition = bool(spec.pop("precondition", objective.default_precondition))
     sigma_data = float(spec.pop("sigma_data", 0.5))
     image = info["kind"] == "image"
     spec.setdefault("name", "unet" if image else "mlp")
@@ -68,9 +64,7 @@ def build_denoiser(model_spec: dict, schedule_spec, objective_name: str, info: d
         spec.setdefault("dim", info["shape"][0])
     spec.setdefault("num_classes", info["num_classes"])
     net = nets.build(spec)
-    default_schedule = "edm" if objective_name in ("edm",) else (
-        "ve" if objective_name in ("ncsn",) else "rectified_flow")
-    schedule = get_schedule(schedule_spec or default_schedule)
+    schedule = get_schedule(schedule_spec or objective.default_schedule)
     return Denoiser(net, schedule, prediction, precondition=precondition, sigma_data=sigma_data)
 
 
@@ -79,7 +73,7 @@ def build_run(cfg: dict):
     dataset = _load_data(cfg)
     obj_spec = _spec(cfg.get("objective"), "flow_matching")
     objective = objectives.get(obj_spec)
-    den = build_denoiser(cfg.get("model"), cfg.get("schedule"), obj_spec["name"], data_info(dataset))
+    den = build_denoiser(cfg.get("model"), cfg.get("schedule"), objective, data_info(dataset))
     return dataset, den, objective
 
 
@@ -107,8 +101,8 @@ def load_trained(path, use_ema: bool = True) -> Trained:
     if not cfg or not info:
         raise UserError(f"checkpoint {str(ckpt.path)!r} was not written by `tiltflow train` "
                         "(no run config inside); load it with tiltflow.checkpoint instead")
-    obj_name = _spec(cfg.get("objective"), "flow_matching")["name"]
-    den = build_denoiser(cfg.get("model"), cfg.get("schedule"), obj_name, info)
+    objective = objectives.get(_spec(cfg.get("objective"), "flow_matching"))
+    den = build_denoiser(cfg.get("model"), cfg.get("schedule"), objective, info)
     state = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
     target = den.net if not any(k.startswith("net.") for k in state) else den
     target.load_state_dict(state)

@@ -90,6 +90,10 @@ class Objective(abc.ABC):
     """
 
     name = "objective"
+    # what a run trains with this objective unless its config says otherwise
+    default_schedule = "rectified_flow"
+    default_prediction = "velocity"
+    default_precondition = False
 
     def __init__(self, *, label_dropout: float = 0.0, reduction: str = "mean"):
         label_dropout = float(label_dropout)
@@ -179,6 +183,7 @@ class DDPMLoss(Objective):
     """
 
     name = "ddpm"
+    default_prediction = "noise"
 
     def __init__(
         self, weighting: str = "simple", t_min: float = 1e-4, t_max: float = 1 - 1e-4, **base
@@ -240,6 +245,8 @@ class DSMLoss(Objective):
     """
 
     name = "ncsn"
+    default_schedule = "ve"
+    default_prediction = "score"
 
     def __init__(
         self,
@@ -319,6 +326,7 @@ class SSMLoss(Objective):
     """
 
     name = "ssm"
+    default_prediction = "score"
 
     def __init__(
         self,
@@ -384,6 +392,9 @@ class EDMLoss(Objective):
     """
 
     name = "edm"
+    default_schedule = "edm"
+    default_prediction = "data"
+    default_precondition = True  # EDM's preconditioned network (Karras et al. 2022, Table 1)
 
     def __init__(
         self, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float | None = None, **base
