@@ -18,14 +18,8 @@ import torch
 from tiltflow import checkpoint as ck
 from tiltflow.config import TrainConfig
 from tiltflow.errors import UserError
-from tiltflow.train import (
-    TrainingDiverged,
-    ema_decay_at,
-    ema_update,
-    grid_callback,
-    lr_at,
-    train,
-)
+from tiltflow.plots import grid_callback
+from tiltflow.train import TrainingDiverged, ema_decay_at, ema_update, lr_at, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_train_script as helper  # noqa: E402

@@ -109,7 +109,7 @@ def two_d_part(out: Path, report: Report, quick: bool) -> None:
 
 
 def digits_part(out: Path, report: Report, quick: bool) -> None:
-    from .train import save_grid
+    from .plots import save_grid
 
     dataset, result, secs = _train(DIGITS, out / "digits", quick)
     classes = dataset.num_classes

@@ -36,8 +36,8 @@ def run(args) -> int:
     import torch
 
     from .. import solvers
+    from ..plots import save_grid
     from ..runs import load_trained
-    from ..train import save_grid
 
     if args.list_solvers:
         for name in solvers.available():

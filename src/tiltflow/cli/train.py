@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import config as config_mod
-    from ..train import TrainingInterrupted, grid_callback
+    from ..plots import grid_callback
+    from ..train import TrainingInterrupted
     from ..train import train as run_train
 
     overrides = list(args.overrides)
