@@ -14,7 +14,7 @@ same bed and schedule, peers measured there in one run); without that file the i
 (NFE 4 ~ 0.54, 6 ~ 0.30, 8 ~ 0.21, 10 ~ 0.18) are used.
 
 Optimized grids: the default `fit_grid` (`solver="auto"`: UniPC-bh1, UniPC-3-bh1, iPNDM and
-DEIS-4 grids fitted by L-BFGS through their differentiable twins, the best on a validation
+DEIS-4 grids fitted by L-BFGS through the registered solvers, the best on a validation
 quarter of the pool kept), each of those bases alone, the previous default (UniPC by Adam), and
 DDIM's grid by Adam (BNS starts from it) and by derivative-free Nelder-Mead for comparison.
 
@@ -238,7 +238,7 @@ def _markdown(res: dict) -> str:
              "loss with L = 1). `best base`: the best of the "
              "registered deterministic solvers on uniform / log-SNR grids. `optimized grid`: "
              "the default `fit_grid` (`solver=\"auto\"`: UniPC-bh1, UniPC-3-bh1, iPNDM and DEIS-4 "
-             "grids fitted by L-BFGS through their differentiable twins, the best on a validation "
+             "grids fitted by L-BFGS through the registered solvers, the best on a validation "
              "quarter of the pool kept; the chosen base in brackets). Only time points are "
              "learned. Goal (issue 3): trained solvers <= half the "
              f"best peer's error (best peer from {src}).", ""]
