@@ -232,10 +232,10 @@ def fit_grid(denoiser, nfe: int, solver: str = "auto", *, noises: torch.Tensor,
             :data:`AUTO_GRID_SOLVERS` and keep the best on the validation noises (the result's
             ``base`` and ``options`` say which; ``fit_info["candidates"]`` lists them all).
         method: ``"lbfgs"`` (default): full-batch L-BFGS with a strong-Wolfe line search on
-            the training noises through the solver's differentiable twin
-            (the registered solver, differentiable in its grid), run to convergence or ``steps`` (default 100)
-            iterations (a few seconds per start on the 2-D beds: the grid has only nfe - 1
-            free numbers, and it matched 100+ random restarts of Nelder-Mead there).
+            the training noises through the registered solver (differentiable in its grid),
+            run to convergence or ``steps`` (default 100) iterations (a few seconds per start
+            on the 2-D beds: the grid has only nfe - 1 free numbers, and it matched 100+
+            random restarts of Nelder-Mead there).
             ``"adam"``: Adam (``lr``, cosine decay, minibatches of ``batch_size``, at most
             ``steps``, default 800, iterations; validation checked every 10, stop after
             ``patience`` checks without improvement). ``"nelder_mead"``: derivative-free, for
@@ -345,7 +345,7 @@ def _fit_grid_lbfgs(prob: _GridProblem, solver, options, theta0, *, steps, desc,
     if bar is not None:
         bar.close()
     return _grid_from_theta(theta.detach(), 1.0), {
-        "optimizer": "lbfgs", "solver_twin": solver,
+        "optimizer": "lbfgs",
         "iterations": int(opt.state[theta].get("n_iter", 0)), "function_evals": evals[0],
         "max_iterations": int(steps)}
 
@@ -386,7 +386,7 @@ def _fit_grid_adam(prob: _GridProblem, solver, options, theta0, *, steps, lr, ba
     if bar is not None:
         bar.close()
     return _grid_from_theta(best_theta, 1.0).detach(), {
-        "optimizer": "adam", "solver_twin": solver, "iterations": it,
+        "optimizer": "adam", "iterations": it,
         "max_iterations": int(steps), "lr": lr, "batch_size": batch_size}
 
 
