@@ -102,7 +102,7 @@ class Denoiser(nn.Module):
             c = self.schedule(t).expand(x_t)
         if self.precondition:
             return self._preconditioned(x_t, cond, c)
-        out = self._call_net(x_t, t.to(x_t.dtype), cond)
+        out = self._call_net(x_t, t if t.dtype == x_t.dtype else t.to(x_t.dtype), cond)
         if out.shape != x_t.shape:
             raise ValueError(f"network output shape {tuple(out.shape)} != input {tuple(x_t.shape)}")
         return Prediction(out, self.prediction, x_t, c)
