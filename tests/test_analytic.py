@@ -11,7 +11,13 @@ Tolerances:
   ``< 1e-22``, so only float64 round-off over ``N ~ 1e6`` terms remains (``< N eps ~ 2e-10``):
   we use ``1e-8``.
 - Identities between closed forms (autograd, Tweedie, schedule changes) hold to float64
-  round-off amplified by condition numbers of order 1e2: ``1e-9`` relative.
+  round-off amplified by condition numbers of order 1e2: ``1e-9`` relative. A quantity derived
+  from ``x_hat`` by ``(x_t - alpha x_hat) / sigma`` gets that error times ``alpha / sigma``.
+- Direct evaluations of one closed form two ways (scipy vs the library, a dense solve vs the
+  mixture algebra) involve only a handful of well-conditioned float64 operations: ``1e-12``
+  (``~5e3 eps``); where an extra linear solve with condition number ``<~ 1e2`` enters
+  (posterior moments) ``1e-11``, and ``1e-10`` for the 16-D conditional mixture and the
+  evidence ``p(y)`` (a log-sum-exp over 8-16 components of 16-D Gaussian log-densities).
 """
 
 from __future__ import annotations
@@ -105,8 +111,7 @@ def test_testbeds_registry():
     assert analytic.testbeds() == ["eight_gaussians", "anisotropic_2d", "random_16d"]
     for name in analytic.testbeds():
         g = analytic.get_testbed(name)
-        assert isinstance(g, GaussianMixture)
-        assert abs(float(g.weights.sum()) - 1) < 1e-12
+        assert abs(float(g.weights.sum()) - 1) < 1e-12  # K <= 8 float64 additions
     assert analytic.get_testbed("random_16d").dim == 16
     assert torch.equal(analytic.random_16d().means, analytic.random_16d().means)
     assert not torch.equal(analytic.random_16d(seed=1).means, analytic.random_16d().means)
@@ -329,13 +334,17 @@ def test_denoiser_schedule_change_all_pairs(dst_name):
     t = interior_t(dst, 12, seed=41)
     x_t = noisy(g, dst, t, seed=42)
     ref = g.denoiser(dst)(x_t, t)
+    c = dst(t)
+    # noise = (x_t - alpha x_hat) / sigma: an error in x_hat is amplified by alpha / sigma
+    amplify = float((c.alpha / c.sigma).max())
     for src in SCHEDULES.values():
         moved = g.denoiser(src).with_schedule(dst)(x_t, t)
         scale = ref.data.abs().max()
         assert torch.allclose(moved.data, ref.data, rtol=EXACT_RTOL, atol=EXACT_RTOL * scale), (
             f"{src.name} -> {dst_name}"
         )
-        assert torch.allclose(moved.noise, ref.noise, rtol=1e-8, atol=1e-8 * ref.noise.abs().max())
+        assert torch.allclose(moved.noise, ref.noise, rtol=EXACT_RTOL,
+                              atol=EXACT_RTOL * amplify * scale), f"{src.name} -> {dst_name}"
 
 
 # -- tilts ----------------------------------------------------------------------------------------
@@ -478,8 +487,16 @@ def test_log_likelihood_y_given_xt_vs_mc(name):
     at_noise = g.log_likelihood_y_given_xt(A, y, noise_std, x_t, ones, sched)
     assert torch.allclose(at_noise, torch.full((3,), log_evidence(g, A, y, noise_std),
                                                 dtype=F64), rtol=1e-10, atol=1e-10)
-    # the posterior's normaliser is the same p(y): posterior weights * p(y) = w_k N(y; ...)
-    assert g.posterior(A, y, noise_std).num_components == g.num_components
+    # the posterior's normaliser is the same p(y): posterior weights * p(y) = w_k N(y; A mu_k,
+    # A S_k A^T + s^2 I), each side through scipy
+    log_py = log_evidence(g, A, y, noise_std)
+    log_wk = torch.tensor([
+        stats.multivariate_normal((A @ g.means[k]).numpy(),
+                                  (A @ g.covs[k] @ A.T + noise_std**2 * torch.eye(m, dtype=F64))
+                                  .numpy()).logpdf(y.numpy())
+        for k in range(g.num_components)], dtype=F64) + torch.log(g.weights)
+    post_w = g.posterior(A, y, noise_std).weights
+    assert torch.allclose(post_w, torch.exp(log_wk - log_py), rtol=1e-10, atol=1e-12)
 
 
 def test_log_likelihood_y_given_xt_vs_prior_importance_sampling():

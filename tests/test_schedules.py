@@ -17,6 +17,7 @@ from tiltflow.schedules import Schedule, change_of_schedule, get_schedule
 
 F64 = torch.float64
 RTOL = 1e-10
+EPS = torch.finfo(F64).eps
 
 
 def make_all():
@@ -76,6 +77,8 @@ def test_t_from_logsnr_inverts_and_matches_bisection(name):
 @pytest.mark.parametrize("name", VP)
 def test_variance_preserving(name):
     c = ALL[name](interior())
+    # alpha and sigma each carry a few ulps (one exp / sqrt / trig chain); squaring and adding
+    # two numbers <= 1 keeps that: a few dozen eps (1e-14 = 45 eps)
     assert torch.allclose(c.alpha**2 + c.sigma**2, torch.ones_like(c.alpha), rtol=0, atol=1e-14)
 
 
@@ -89,9 +92,14 @@ def test_vp_discrete_knots_reproduce_alphas_cumprod():
         # diffusers' tables, rebuilt independently in numpy
         betas = np.linspace(b0**0.5, b1**0.5, n) ** 2 if sq else np.linspace(b0, b1, n)
         ac = np.cumprod(1 - betas)
-        assert np.allclose(s.alphas_cumprod.numpy(), ac, rtol=1e-13)
+        # two running products of n rounded factors differ by at most 2 n eps relative
+        prod_tol = 2 * n * EPS
+        assert np.allclose(s.alphas_cumprod.numpy(), ac, rtol=prod_tol, atol=0)
+        # alpha(t)^2 = exp(2 * (0.5 log ac)) at the knots adds the rounding of log and exp,
+        # ~ (|log ac| + 4) eps relative
+        exp_tol = prod_tol + (abs(float(np.log(ac[-1]))) + 4) * EPS
         t = (torch.arange(n, dtype=F64) + 1) / n
-        assert np.allclose((s.alpha(t) ** 2).numpy(), ac, rtol=1e-12)
+        assert np.allclose((s.alpha(t) ** 2).numpy(), ac, rtol=exp_tol, atol=0)
         assert float(s.alpha(torch.zeros((), dtype=F64))) == 1.0
 
 
@@ -109,7 +117,9 @@ def test_change_of_schedule_maps_states(dst_name):
         s, scale = change_of_schedule(src, dst, t)
         cs = src(s).expand(x)
         x_src = cs.alpha * x + cs.sigma * noise
-        assert torch.allclose(x_dst, scale[:, None] * x_src, rtol=1e-9, atol=1e-9), src.name
+        # a log/exp chain (logsnr, then t_from_logsnr) through two schedules: RTOL (module
+        # docstring)
+        assert torch.allclose(x_dst, scale[:, None] * x_src, rtol=RTOL, atol=RTOL), src.name
         assert bool(((s >= 0) & (s <= 1)).all())
 
 
@@ -121,7 +131,6 @@ def test_get_schedule_round_trips_config(name):
     t = interior(8)
     assert torch.equal(r.alpha(t), s.alpha(t)) and torch.equal(r.sigma(t), s.sigma(t))
     assert get_schedule(s) is s
-    assert isinstance(repr(s), str)
 
 
 def test_get_schedule_by_name():

@@ -42,11 +42,18 @@ def test_spline_interpolates_is_c2_and_constant_beyond_the_grid():
     lam, table = ems.lambdas.numpy(), ems.l.numpy()
     sp = _Spline(lam, table)
     np.testing.assert_allclose(sp.value(lam), table, rtol=0, atol=1e-15)
-    inner = lam[1:-1]
+    inner, delta = lam[1:-1], 1e-9
+    eps = np.finfo(np.float64).eps
     for nu in (0, 1, 2):  # continuous up to the second derivative at every interior knot
-        left = sp.fun(inner - 1e-9, nu)
-        right = sp.fun(inner + 1e-9, nu)
-        np.testing.assert_allclose(left, right, rtol=0, atol=1e-6)
+        left = sp.fun(inner - delta, nu)
+        right = sp.fun(inner + delta, nu)
+        # without a jump, |f^(nu)(x + delta) - f^(nu)(x - delta)| <= 2 delta max |f^(nu+1)| over
+        # the two sides (for nu = 2 the piecewise-constant third derivative), plus the rounding
+        # of two evaluations (a few eps of |f^(nu)|)
+        slope = np.maximum(np.abs(sp.fun(inner - delta, nu + 1)),
+                           np.abs(sp.fun(inner + delta, nu + 1)))
+        tol = 2 * delta * slope + 32 * eps * (1 + np.abs(left))
+        assert bool((np.abs(left - right) <= tol).all()), (nu, np.abs(left - right) - tol)
     out = np.array([lam[0] - 2.0, lam[-1] + 3.0])
     np.testing.assert_allclose(sp.value(out), table[[0, -1]], rtol=0, atol=1e-15)
     # the primitive: quadrature of the value, inside and beyond the grid
@@ -149,6 +156,7 @@ def test_order_three_below_the_ems_spacing(schedule, t_start):
         errs.append((x - ref).pow(2).sum(1).mean().sqrt().item())
     assert all(a > b for a, b in zip(errs[:-1], errs[1:], strict=True)), errs
     slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    # order 3 less 0.3 for pre-asymptotic terms; order-2 (kinked) statistics measured 2.1-2.3
     assert slope >= 2.7, (slope, errs)
 
 

@@ -28,13 +28,18 @@ def test_classifier_guidance_with_exact_likelihood_is_the_exact_posterior(sched)
         t = torch.full((64,), tt, dtype=torch.float64)
         guided = guide(gmm.denoiser(sched), x_t, t, None)
         exact = post.denoiser(sched)(x_t, t)
-        torch.testing.assert_close(guided.data, exact.data, rtol=1e-8, atol=1e-8)
-        torch.testing.assert_close(guided.noise, exact.noise, rtol=1e-8, atol=1e-8)
+        # two closed forms of one denoiser: float64 round-off (2e-16) amplified by the mixture's
+        # condition numbers (<~ 1e2) and by the weight sigma^2 / alpha <= 4.1e3 (EDM, t = 0.8) of
+        # the autograd log-likelihood gradient: <~ 1e-10, so 1e-9
+        torch.testing.assert_close(guided.data, exact.data, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(guided.noise, exact.noise, rtol=1e-9, atol=1e-9)
 
 
 def test_guided_sampling_reaches_the_exact_posterior():
     """Sampling with the guided exact denoiser gives samples of the exact posterior (sliced W2
-    within 2x the noise floor of 2,000 exact posterior samples)."""
+    within 2x the noise floor of 2,000 exact posterior samples: an acceptance criterion, not a
+    significance level -- errors add about in quadrature, so it allows a discretisation bias of
+    up to sqrt(3) floors)."""
     sched = S.RectifiedFlow()
     gmm = analytic.eight_gaussians()
     A = torch.tensor([[1.0, 0.0]], dtype=torch.float64)

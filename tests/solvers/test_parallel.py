@@ -183,7 +183,9 @@ def test_reference_and_cond_and_float32():
     x, stats = parallel_sample(den, noise.float(), "picard", "ddpm", steps=30, tol=1e-3,
                                cond=cond, generator=torch.Generator().manual_seed(3),
                                reference=True)
-    assert x.dtype == torch.float32 and stats["error"] < 1e-2
+    # the O(tol) fixed-point distance of test_converges_to_the_sequential_answer (10 * tol);
+    # float32 round-off (~1e-7 per step over 30 steps) is far below it
+    assert x.dtype == torch.float32 and stats["error"] < 10 * 1e-3
 
 
 def test_bad_arguments():

@@ -94,7 +94,7 @@ def test_refined_bespoke_is_consistent(bed):
     errs = [_rmse(bes.refine(k), den, test[:64], ref_test[:64]) for k in (4, 8, 16)]
     assert errs[0] > errs[1] > errs[2]
     slope = math.log(errs[0] / errs[2]) / math.log(4)
-    assert slope > 1.5, (errs, slope)  # midpoint: order 2
+    assert slope > 1.5, (errs, slope)  # midpoint: order 2, less 0.5 for pre-asymptotic terms
 
 
 @pytest.mark.parametrize("key", ["rf", "vp"])
@@ -123,8 +123,19 @@ def test_optimized_grid_beats_the_uniform_grid_on_held_out_noises(key):
     tuned = float(B.endpoint_rmse(tf.sample(cden, test, "unipc", nfe=6, grid=grid), ref_test))
     assert len(calls) == 6
     assert tuned < 0.9 * uniform, (tuned, uniform)
-    # the validation noises pick the best grid seen, the start grid included
-    assert fitted.fit_info["val_rmse"] <= fitted.fit_info["init_rmse"] * 1.5
+    # the validation noises pick the best grid seen, the start grid included: on them the
+    # returned grid is no worse than the named start grid (both recomputed here)
+    from tiltflow.solvers.trained.grid import _GridProblem
+
+    val = _GridProblem(den, B.start_state(den, train), ref, None, 0.25, 0, split=True).val
+    x_val = B.start_state(den, train[val])
+
+    def val_rmse(g):
+        return float(B.endpoint_rmse(tf.solvers.solve(den, x_val, g, "unipc"), ref[val]))
+
+    start = tf.solvers.grids.get_grid(fitted.fit_info["init"], 6, den.schedule)
+    assert val_rmse(grid) == pytest.approx(fitted.fit_info["val_rmse"], rel=1e-12)
+    assert val_rmse(grid) <= val_rmse(start) * (1 + 1e-12)
 
 
 def test_grid_fitting_options_and_errors(bed):
@@ -134,7 +145,10 @@ def test_grid_fitting_options_and_errors(bed):
     grid = nm.grid
     assert nm.fit_info["optimizer"] == "nelder-mead" and len(grid) == 5
     assert float(grid[0]) == 1.0 and float(grid[-1]) == 0.0 and bool((grid[1:] < grid[:-1]).all())
-    assert nm.fit_info["train_rmse"] <= nm.fit_info["init_rmse"]
+    # better than its uniform start on the held-out noises (the fit never saw them)
+    tuned = float(B.endpoint_rmse(nm.sample(den, test), ref_test))
+    uniform = float(B.endpoint_rmse(tf.sample(den, test, "euler", nfe=4, grid="uniform"), ref_test))
+    assert tuned < uniform, (tuned, uniform)
     with pytest.raises(ValueError, match="method must be"):
         B.fit_grid(den, 4, noises=train, reference=ref, method="bfgs")
     with pytest.raises(ValueError, match="stochastic"):
