@@ -31,11 +31,11 @@ from tiltflow.solvers.compare import (
     reference,
 )
 
-# a sibling of benchmarks/common.py, loaded by path like it (benchmarks/ is not a package)
-_spec = importlib.util.spec_from_file_location("tiltflow_bench_rk4_check",
-                                               Path(__file__).with_name("rk4_check.py"))
-_rk4_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_rk4_check)
+# benchmarks/ is not a package: load common.py by path, and the RK4 check through it
+_spec = importlib.util.spec_from_file_location("tiltflow_bench_common",
+                                               Path(__file__).with_name("common.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 _F64 = torch.float64
 SCHEDULES = ("vp_discrete_linear", "rectified_flow")
@@ -84,7 +84,8 @@ def run_rows(quick: bool = False, beds=None, schedule_names=SCHEDULES, grid_name
                 x_init = _start(gmm, schedule, n_points, seed)
                 ref, _ = reference(gmm, schedule, x_init)
                 k = min(100, n_points)
-                floor = endpoint_rmse(ref[:k], _rk4_check.reference_rk4(gmm, schedule, x_init[:k]))
+                check = bench.load_sibling("rk4_check").reference_rk4(gmm, schedule, x_init[:k])
+                floor = endpoint_rmse(ref[:k], check)
                 t0 = time.perf_counter()
                 ems_noise = torch.randn(n_ems, gmm.dim, dtype=_F64,
                                         generator=torch.Generator().manual_seed(EMS_SEED))

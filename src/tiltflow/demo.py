@@ -5,6 +5,7 @@
 2. A class-conditional rectified-flow UNet on scikit-learn's 8x8 digits: one row per class
    next to real digits, FD-digits with its floor, and the accuracy of a digits classifier on
    the samples.
+3. Each method family's own section, from its ``demo.py`` (solvers: :mod:`tiltflow.solvers.demo`).
 
 Each part is a function ``part(out_dir, report, quick)``; later capabilities add theirs to
 ``PARTS``. Budgets fit `make demo` in about ten minutes on two CPU cores.

@@ -164,6 +164,9 @@ def test_train_and_sample_on_a_csv_table_and_an_image_folder(tmp_path, capsys):
                         "--solver", "heun", "--num", "4", "--out", str(tmp_path / "img")], capsys)
     assert code == 0, err
     assert np.load(tmp_path / "img.npy").shape == (4, 1, 8, 8)
+    code, _, err = run(["sample", str(run_dir), "--label", "2", "--nfe", "3", "--solver", "heun",
+                        "--out", str(tmp_path / "img2")], capsys)
+    assert code == 2 and "--label must be in [0, 2), got 2" in err, err
 
 
 def test_likelihood_and_invert_commands(trained_run, tmp_path, capsys):

@@ -16,13 +16,21 @@ def add_parser(sub) -> None:
     b.add_argument("--quick", action="store_true", help="a fast smoke run (numbers not for the record)")
 
 
+def _roots() -> list[Path]:
+    """The working directory's ``benchmarks/`` first, then the checkout's (editable install)."""
+    return [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[3] / "benchmarks"]
+
+
+def _suite_names() -> list[str]:
+    return sorted({p.name[:-9] for r in _roots() if r.is_dir() for p in r.glob("*_suite.py")})
+
+
 def _find_suite(name: str) -> Path:
-    roots = [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[3] / "benchmarks"]
-    for root in roots:
+    for root in _roots():
         path = root / f"{name}_suite.py"
         if path.is_file():
             return path
-    avail = sorted({p.name[:-9] for r in roots if r.is_dir() for p in r.glob("*_suite.py")})
+    avail = _suite_names()
     raise UserError(f"unknown benchmark suite {name!r}; available: {avail or 'none found'} "
                     "(run from the repository root)")
 
@@ -30,8 +38,7 @@ def _find_suite(name: str) -> Path:
 def run(args) -> int:
     names = [args.suite]
     if args.suite == "all":
-        roots = [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[3] / "benchmarks"]
-        names = sorted({p.name[:-9] for r in roots if r.is_dir() for p in r.glob("*_suite.py")})
+        names = _suite_names()
         import torch
 
         if not torch.cuda.is_available() and "gpu" in names:

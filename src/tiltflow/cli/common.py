@@ -1,11 +1,23 @@
-"""Pieces the subcommands share: the data arguments of ``likelihood`` / ``invert`` and the
-examples they load, and the optional ``.npy`` output."""
+"""Pieces the subcommands share: the class labels of ``sample`` / ``fit-solver``, the data
+arguments of ``likelihood`` / ``invert`` and the examples they load, and the optional ``.npy``
+output."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import UserError
+
+
+def class_labels(label: int | None, num_classes: int, n: int):
+    """``n`` labels of a conditional model: ``--label`` repeated, else cycling over the classes."""
+    import torch
+
+    if label is None:
+        return torch.arange(n) % num_classes
+    if not 0 <= label < num_classes:
+        raise UserError(f"--label must be in [0, {num_classes}), got {label}")
+    return torch.full((n,), label, dtype=torch.long)
 
 
 def add_data_args(p) -> None:

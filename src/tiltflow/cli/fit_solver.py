@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
+from .common import class_labels
 
 _DEFAULT_BASE = {"bespoke": "midpoint", "bns": "ddim", "grid": "auto"}
 _DEFAULT_STEPS = {"bespoke": 400, "bns": 600, "grid": None}  # grid: fit_grid's, per method
@@ -78,12 +79,7 @@ def _load(args):
     noises = torch.randn((args.num_noises, *info["shape"]), generator=gen, dtype=torch.float64)
     cond = None
     if info["num_classes"]:
-        if args.label is not None:
-            if not 0 <= args.label < info["num_classes"]:
-                raise UserError(f"--label must be in [0, {info['num_classes']}), got {args.label}")
-            cond = torch.full((args.num_noises,), args.label, dtype=torch.long)
-        else:
-            cond = torch.arange(args.num_noises) % info["num_classes"]
+        cond = class_labels(args.label, info["num_classes"], args.num_noises)
     model = {"run": str(trained.path), "step": trained.step, "data": info.get("name"),
              "shape": list(info["shape"]), "ema": not args.no_ema}
     for p in den.parameters():

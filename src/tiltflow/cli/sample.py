@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from .common import class_labels
 
 
 def add_parser(sub) -> None:
@@ -48,15 +49,9 @@ def run(args) -> int:
     solvers.get(args.solver)  # fail fast on a typo, before loading anything
     trained = load_trained(args.run, use_ema=not args.no_ema)
     info = trained.data
-    cond = None
-    if args.label is not None:
-        if not info["num_classes"]:
-            raise UserError("--label given but this model is unconditional")
-        if not 0 <= args.label < info["num_classes"]:
-            raise UserError(f"--label must be in [0, {info['num_classes']}), got {args.label}")
-        cond = torch.full((args.num,), args.label, dtype=torch.long)
-    elif info["num_classes"]:
-        cond = torch.arange(args.num) % info["num_classes"]
+    if args.label is not None and not info["num_classes"]:
+        raise UserError("--label given but this model is unconditional")
+    cond = class_labels(args.label, info["num_classes"], args.num) if info["num_classes"] else None
     guidance = args.guidance or None
     if args.negative:
         from ..solvers import TwoModel
