@@ -102,22 +102,6 @@ def test_seeded_noise_is_reproducible():
     assert torch.equal(a, b)
 
 
-def test_nfe_is_exact():
-    sched = S.RectifiedFlow()
-    calls = []
-    base = gaussian_denoiser(sched)
-
-    def counting(x_t, t, cond=None):
-        calls.append(1)
-        return base(x_t, t).data
-
-    den = tf.Denoiser.from_fn(counting, sched, "data")
-    for solver, nfe in [("euler", 7), ("heun", 9), ("ddim", 3), ("ddpm", 5)]:
-        calls.clear()
-        tf.sample(den, torch.randn(2, 2, dtype=torch.float64), solver, nfe=nfe)
-        assert len(calls) == nfe, solver
-
-
 def test_classifier_free_guidance_zero_is_conditional_and_batched():
     sched = S.RectifiedFlow()
     calls = []
