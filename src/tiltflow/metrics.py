@@ -45,6 +45,7 @@ from torch import nn
 from .fileio import atomic_write_bytes
 
 __all__ = [
+    "endpoint_rmse",
     "sliced_w2",
     "w2",
     "mmd",
@@ -151,6 +152,12 @@ def _w2_1d_squared(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     widths = (u - lower).to(torch.float64) / (n * m)
     ix, iy = lower // m, lower // n  # the quantile step each interval lies on
     return (widths[:, None] * (xs[ix] - ys[iy]) ** 2).sum(dim=0)
+
+
+def endpoint_rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``sqrt(mean_b ||x_b - ref_b||^2)``: the RMS endpoint distance of a solver's samples to
+    the reference solution from the same start states (BENCHMARKS.md); differentiable."""
+    return (x - ref).flatten(1).pow(2).sum(1).mean().sqrt()
 
 
 def sliced_w2(x, y, num_projections: int = 256, generator: torch.Generator | None = None

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .. import analytic
+from .. import analytic, metrics
 from ..denoiser import Denoiser
 from ..schedules import Schedule
 from . import grids, solve
@@ -61,8 +61,8 @@ def reference(gmm: analytic.GaussianMixture, schedule: Schedule, x_init: torch.T
 
 
 def endpoint_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """RMS over examples of the Euclidean distance ``|x - ref|`` (float64); inf if non-finite."""
-    d = (x.to(_F64) - ref.to(_F64)).flatten(1).pow(2).sum(1).mean().sqrt()
+    """:func:`tiltflow.metrics.endpoint_rmse` in float64, as a float; inf if non-finite."""
+    d = metrics.endpoint_rmse(x.to(_F64), ref.to(_F64))
     return float(d) if bool(torch.isfinite(d)) else math.inf
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import save as st_save
 
 from ...errors import UserError
 from ...fileio import atomic_write_bytes
+from ...metrics import endpoint_rmse
 from ...schedules import get_schedule
 from ..reference import reference_solve
 from ..registry import register
@@ -30,11 +31,6 @@ from ..registry import register
 FORMAT_VERSION = 1
 F64 = torch.float64
 KINDS: dict[str, type] = {}  # "bespoke" / "bns" / "grid" -> class, filled by the subclasses
-
-
-def endpoint_rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``sqrt(mean_b ||x_b - ref_b||^2)``: the RMS endpoint distance of BENCHMARKS.md."""
-    return (x - ref).flatten(1).pow(2).sum(1).mean().sqrt()
 
 
 def start_state(denoiser, noise: torch.Tensor, t_start: float = 1.0) -> torch.Tensor:
