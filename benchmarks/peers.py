@@ -6,8 +6,9 @@ tiltflow's solvers do, so its endpoint is compared with the reference solution o
 - **diffusers** schedulers (DDIM, DPM-Solver++ 2M/3M, UniPC, DEIS, Euler, Heun) configured as
   DDPM's linear-beta VP (``beta_start=1e-4, beta_end=0.02``, 1000 training steps),
   ``timestep_spacing="trailing"``, ``clip_sample=False``, ``prediction_type="epsilon"``. A
-  diffusers timestep ``k`` is tiltflow's ``VPDiscrete`` time ``t = (k + 1) / 1000`` (see its
-  docstring), so the model is fed ``eps(x_t, (k + 1) / 1000)``. The VP schedulers take the VP
+  diffusers timestep ``k`` is tiltflow's ``VPDiscrete`` time ``t = (k + 1) / 1000`` (the one
+  mapping, ``tiltflow.integrations.diffusers.TimeMap.vp_discrete``), so the model is fed
+  ``eps(x_t, (k + 1) / 1000)``. The VP schedulers take the VP
   state itself (``init_noise_sigma = 1``: the sample *is* ``x_1``); Euler and Heun work on the
   scaled state ``x_t / alpha_t`` with ``sigma = sqrt((1 - alphabar) / alphabar)``, so they start
   from ``x_1 / alpha_1`` (equal to ``init_noise_sigma * noise`` for ``x_1 = sigma_1 * noise``)
@@ -33,7 +34,10 @@ from collections.abc import Callable
 
 import torch
 
+from tiltflow.integrations.diffusers import TimeMap
+
 NUM_TRAIN = 1000
+VP_TIME = TimeMap.vp_discrete(NUM_TRAIN)  # diffusers timestep k <-> VPDiscrete t = (k + 1) / N
 
 # name -> (class name, extra config, evaluations per step, evaluations saved on the last step)
 DIFFUSERS = {
@@ -49,7 +53,7 @@ DIFFUSERS = {
 }
 # where each sampler's output lives in tiltflow's time (VPDiscrete: timestep k is (k + 1) / N)
 END_T = {name: 0.0 for name in DIFFUSERS}
-END_T["diffusers DEIS"] = 1.0 / NUM_TRAIN
+END_T["diffusers DEIS"] = VP_TIME.time(0.0)  # = 1 / NUM_TRAIN
 SIGMA_SPACE = {"diffusers Euler", "diffusers Heun"}  # state is x_t / alpha_t
 
 FLOW_MATCHING = {"flow_matching euler": ("euler", 1), "flow_matching midpoint": ("midpoint", 2),
@@ -113,7 +117,7 @@ def diffusers_sample(name: str, eps_fn: Callable, x_init: torch.Tensor, steps: i
         sample = x_init
     for k in sched.timesteps:
         model_in = sched.scale_model_input(sample, k)
-        eps = eps_fn(model_in, (float(k) + 1.0) / NUM_TRAIN)
+        eps = eps_fn(model_in, VP_TIME.time(float(k)))
         calls += 1
         sample = sched.step(eps, k, sample).prev_sample
     # Euler/Heun end at sigma = 0, where x_t / alpha_t is x_0 itself.

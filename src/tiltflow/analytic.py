@@ -285,7 +285,9 @@ class GaussianMixture:
         def exact_posterior_mean(x_t, t, cond=None):
             return self.posterior_mean(x_t, t, schedule)
 
-        return Denoiser.from_fn(exact_posterior_mean, schedule, prediction="data")
+        den = Denoiser.from_fn(exact_posterior_mean, schedule, prediction="data")
+        den.data_shape = (self.dim,)  # what a method drawing samples from it needs to know
+        return den
 
     # -- tilts ---------------------------------------------------------------------------------
     def tilt(self, reward: Reward, beta: float = 1.0) -> GaussianMixture:

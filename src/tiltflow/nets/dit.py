@@ -75,7 +75,7 @@ class _Block(nn.Module):
 
 class DiT(nn.Module):
     """``DiT(in_channels=1, image_size=8, patch_size=2, hidden=128, depth=4, heads=4,
-    num_classes=0, mlp_ratio=4.0, time_embed_dim=128)``.
+    num_classes=0, mlp_ratio=4.0, time_embed_dim=128, num_times=1)``.
 
     ``forward(x [B, C, image_size, image_size], t [B], cond=None) -> same shape``.
     ``hidden`` must be divisible by ``heads`` and by 4; ``image_size`` by ``patch_size``.
@@ -92,6 +92,7 @@ class DiT(nn.Module):
         num_classes: int = 0,
         mlp_ratio: float = 4.0,
         time_embed_dim: int = 128,
+        num_times: int = 1,
     ):
         super().__init__()
         if min(in_channels, image_size, patch_size, hidden, depth, heads) < 1:
@@ -104,13 +105,14 @@ class DiT(nn.Module):
             "name": "dit", "in_channels": in_channels, "image_size": image_size,
             "patch_size": patch_size, "hidden": hidden, "depth": depth, "heads": heads,
             "num_classes": num_classes, "mlp_ratio": mlp_ratio, "time_embed_dim": time_embed_dim,
+            "num_times": num_times,
         }
         self.in_channels, self.image_size, self.patch_size = in_channels, image_size, patch_size
         self.grid = image_size // patch_size
         self.patch = nn.Conv2d(in_channels, hidden, patch_size, stride=patch_size)
         # fixed, rebuilt from the config: not part of the state dict
         self.register_buffer("pos", sincos_2d(hidden, self.grid, self.grid)[None], persistent=False)
-        self.embed = ConditionEmbedding(hidden, num_classes, freq_dim=time_embed_dim)
+        self.embed = ConditionEmbedding(hidden, num_classes, time_embed_dim, num_times)
         self.blocks = nn.ModuleList(_Block(hidden, heads, mlp_ratio) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
@@ -127,8 +129,11 @@ class DiT(nn.Module):
         w = self.patch.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch.bias)
-        for lin in (self.embed.time.mlp[0], self.embed.time.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
+        for emb in [self.embed.time, *self.embed.extra_times]:
+            for lin in (emb.mlp[0], emb.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02)
+        for emb in self.embed.extra_times:  # extra times start at zero (ConditionEmbedding)
+            nn.init.zeros_(emb.mlp[2].weight)
         if self.embed.label is not None:
             nn.init.normal_(self.embed.label.table.weight, std=0.02)
         for lin in [b.ada[1] for b in self.blocks] + [self.ada_out[1], self.out]:

@@ -122,24 +122,41 @@ class LabelEmbedding(nn.Module):
 class ConditionEmbedding(nn.Module):
     """``(t, cond) -> [B, dim]``: time embedding plus (when ``num_classes > 0``) label embedding.
 
-    Validates ``cond`` with :func:`check_cond`; ``None`` and all ``-1`` give identical outputs.
+    ``num_times > 1`` embeds several times, ``t`` of shape ``[B, num_times]`` (a flow map's
+    start time and step size, as in shortcut models and MeanFlow: Frans et al. 2024, Geng et
+    al. 2025): one :class:`TimeEmbedding` per column, summed. The extra embeddings start at
+    zero (zero last layer), so a network initialized from a one-time teacher's weights starts
+    out as that teacher at every step size. Validates ``cond`` with :func:`check_cond`;
+    ``None`` and all ``-1`` give identical outputs.
     """
 
-    def __init__(self, dim: int, num_classes: int = 0, freq_dim: int = 128):
+    def __init__(self, dim: int, num_classes: int = 0, freq_dim: int = 128, num_times: int = 1):
         super().__init__()
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {num_classes}")
-        self.num_classes = int(num_classes)
+        if not isinstance(num_times, int) or num_times < 1:
+            raise ValueError(f"num_times must be an integer >= 1, got {num_times!r}")
+        self.num_classes, self.num_times = int(num_classes), num_times
         self.time = TimeEmbedding(dim, freq_dim)
+        self.extra_times = nn.ModuleList(TimeEmbedding(dim, freq_dim) for _ in range(num_times - 1))
+        for emb in self.extra_times:
+            nn.init.zeros_(emb.mlp[2].weight)
+            nn.init.zeros_(emb.mlp[2].bias)
         self.label = LabelEmbedding(num_classes, dim) if num_classes > 0 else None
 
     def forward(self, t: torch.Tensor, cond, batch: int) -> torch.Tensor:
         if not torch.is_tensor(t) or not t.is_floating_point():
             raise TypeError("t must be a float tensor of shape [B]")
-        if t.shape != (batch,):
-            raise ValueError(f"t must have shape [B]=[{batch}], got {tuple(t.shape)}")
+        want = (batch,) if self.num_times == 1 else (batch, self.num_times)
+        if t.shape != want:
+            raise ValueError(f"t must have shape {list(want)}, got {tuple(t.shape)}")
         labels = check_cond(cond, self.num_classes, batch, device=t.device)
-        emb = self.time(t)
+        if self.num_times == 1:
+            emb = self.time(t)
+        else:
+            emb = self.time(t[:, 0])
+            for k, extra in enumerate(self.extra_times, start=1):
+                emb = emb + extra(t[:, k])
         if self.label is not None:
             emb = emb + self.label(labels)
         return emb

@@ -35,9 +35,10 @@ class _FiLMBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """``MLP(dim, hidden=256, depth=4, num_classes=0, time_embed_dim=128)``.
+    """``MLP(dim, hidden=256, depth=4, num_classes=0, time_embed_dim=128, num_times=1)``.
 
-    ``forward(x [B, dim], t [B], cond=None) -> [B, dim]``. ``depth`` residual FiLM blocks of
+    ``forward(x [B, dim], t [B] (or [B, num_times]), cond=None) -> [B, dim]``. ``depth``
+    residual FiLM blocks of
     width ``hidden``; ``time_embed_dim`` sinusoidal features of ``1000 t``
     (see :mod:`tiltflow.nets.embeddings`). ``num_classes=0`` is unconditional.
     """
@@ -49,6 +50,7 @@ class MLP(nn.Module):
         depth: int = 4,
         num_classes: int = 0,
         time_embed_dim: int = 128,
+        num_times: int = 1,
     ):
         super().__init__()
         for key, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1),
@@ -56,9 +58,10 @@ class MLP(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"MLP {key} must be an integer >= {low}, got {value!r}")
         self.config = {"name": "mlp", "dim": dim, "hidden": hidden, "depth": depth,
-                       "num_classes": num_classes, "time_embed_dim": time_embed_dim}
+                       "num_classes": num_classes, "time_embed_dim": time_embed_dim,
+                       "num_times": num_times}
         self.dim = dim
-        self.embed = ConditionEmbedding(hidden, num_classes, freq_dim=time_embed_dim)
+        self.embed = ConditionEmbedding(hidden, num_classes, time_embed_dim, num_times)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(_FiLMBlock(hidden, hidden) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)

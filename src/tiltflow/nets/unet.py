@@ -101,9 +101,10 @@ class _Up(nn.Module):
 class UNet(nn.Module):
     """``UNet(in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
     attention_resolutions=(2,), num_classes=0, dropout=0.0, attention_head_dim=32,
-    time_embed_dim=128)``.
+    time_embed_dim=128, num_times=1)``.
 
-    ``forward(x [B, C, H, W], t [B], cond=None) -> [B, C, H, W]``. See the module docstring for
+    ``forward(x [B, C, H, W], t [B] (or [B, num_times]), cond=None) -> [B, C, H, W]``. See
+    the module docstring for
     the layout and the meaning of ``attention_resolutions`` (downsampling factors).
     """
 
@@ -118,6 +119,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         attention_head_dim: int = 32,
         time_embed_dim: int = 128,
+        num_times: int = 1,
     ):
         super().__init__()
         channel_mults = [int(m) for m in channel_mults]
@@ -133,12 +135,12 @@ class UNet(nn.Module):
             "channel_mults": channel_mults, "num_res_blocks": num_res_blocks,
             "attention_resolutions": attention_resolutions, "num_classes": num_classes,
             "dropout": dropout, "attention_head_dim": attention_head_dim,
-            "time_embed_dim": time_embed_dim,
+            "time_embed_dim": time_embed_dim, "num_times": num_times,
         }
         self.in_channels = in_channels
         self.levels = len(channel_mults)
         emb_dim = 4 * base_channels
-        self.embed = ConditionEmbedding(emb_dim, num_classes, freq_dim=time_embed_dim)
+        self.embed = ConditionEmbedding(emb_dim, num_classes, time_embed_dim, num_times)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         # encoder: every module's output is pushed as a skip connection

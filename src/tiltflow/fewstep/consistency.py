@@ -1,0 +1,219 @@
+"""Consistency models (Song et al. 2023, "Consistency Models", Algorithms 2 and 3) and improved
+consistency training (Song & Dhariwal 2023, "Improved Techniques for Training Consistency
+Models").
+
+A consistency model ``f(x_t, t)`` maps every point of a PF-ODE trajectory to the trajectory's
+clean end. Here it is a student :class:`~tiltflow.Denoiser` whose data prediction is ``f``; the
+boundary condition ``f(x, 0) = x`` holds exactly because every parameterization used (noise,
+velocity, v, or EDM-preconditioned data: ``c_skip(0) = 1``) turns into ``x_hat = x_t`` at
+``sigma = 0``.
+
+Both methods discretize time with EDM's grid ``t_N = 1 > ... > t_0 = 0`` (Karras et al. 2022,
+eq. 5, mapped through the model's schedule) and minimize
+``lambda(t_i) d(f_theta(x_{t_{i+1}}, t_{i+1}), f_target(x_{t_i}, t_i))``:
+
+- **Consistency distillation** (``consistency_distillation``): ``x_{t_i}`` is one step of any
+  registered tiltflow solver on the teacher from ``x_{t_{i+1}} = alpha x + sigma z``; the target
+  network is an EMA of the student with decay ``target_ema`` (mu); ``N`` fixed, ``i`` uniform.
+- **Consistency training** (``consistency_training``, the improved recipe): ``x_{t_i}`` uses the
+  same noise ``z`` (an unbiased one-sample estimate of the teacher's step); the target is the
+  student itself without gradient (mu = 0); the pseudo-Huber distance
+  ``sqrt(|a - b|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)``; lognormal index sampling
+  ``p(i) ~ erf((log s_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((log s_i - ...)...)`` over the
+  noise levels ``s = sigma / alpha``; weight ``1 / (s_{i+1} - s_i)``; and the step-count
+  curriculum ``N(k) = min(s0 2^floor(k / K'), s1)``, ``K' = floor(K / (log2(s1 / s0) + 1))``.
+
+Students sample with multistep consistency sampling (:mod:`.student`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..solvers.grids import _level, karras
+from ..train import ema_update
+from .base import fit, frozen, make_student, noisy, randn_like, register, teacher_steps
+from .student import Student
+
+__all__ = ["ConsistencyLoss", "pseudo_huber", "ict_scales", "lognormal_index_probs"]
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float | None = None) -> torch.Tensor:
+    """``sqrt(|a - b|^2 + c^2) - c`` per example; ``c = 0.00054 sqrt(dim)`` by default (Song &
+    Dhariwal 2023, sec. 3.3)."""
+    diff = (a - b).reshape(a.shape[0], -1)
+    c = 0.00054 * math.sqrt(diff.shape[1]) if c is None else c
+    return torch.sqrt((diff**2).sum(dim=1) + c * c) - c
+
+
+def ict_scales(step: int, total: int, s0: int = 10, s1: int = 1280) -> int:
+    """The improved-CT curriculum: steps of the time grid at training step ``step`` of
+    ``total``: ``min(s0 * 2^floor(step / K'), s1)``."""
+    k_prime = max(total // (int(math.log2(s1 / s0)) + 1), 1)
+    return min(s0 * 2 ** (step // k_prime), s1)
+
+
+def lognormal_index_probs(levels: torch.Tensor, p_mean: float, p_std: float) -> torch.Tensor:
+    """Probabilities of the intervals ``(levels[i], levels[i + 1])`` (decreasing noise levels)
+    under a lognormal noise-level density (Song & Dhariwal 2023, sec. 3.5)."""
+    log_levels = torch.log(levels.clamp(min=1e-30))
+    cdf = torch.erf((log_levels - p_mean) / (math.sqrt(2) * p_std))
+    probs = cdf[:-1] - cdf[1:]
+    return probs / probs.sum()
+
+
+class ConsistencyLoss:
+    """The consistency objective of both methods (module docstring). ``teacher=None`` is
+    consistency training. Keeps its step counter and EMA target between steps
+    (``state_dict``), so a resumed run continues the curriculum and the target exactly."""
+
+    def __init__(self, target, *, teacher=None, solver: str = "heun", scales: int = 18,
+                 curriculum: tuple[int, int] | None = None, total_steps: int = 1,
+                 target_ema: float = 0.0, distance: str = "l2", huber_c: float | None = None,
+                 index_sampling: str = "uniform", weighting: str = "uniform",
+                 p_mean: float = -1.1, p_std: float = 2.0, level_min: float = 2e-3,
+                 level_max: float = 80.0):
+        if distance not in ("l2", "pseudo_huber"):
+            raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {distance!r}")
+        if index_sampling not in ("uniform", "lognormal"):
+            raise ValueError(f"index_sampling must be 'uniform' or 'lognormal', got "
+                             f"{index_sampling!r}")
+        if weighting not in ("uniform", "inverse_gap"):
+            raise ValueError(f"weighting must be 'uniform' or 'inverse_gap', got {weighting!r}")
+        if not 0.0 <= target_ema < 1.0:
+            raise ValueError(f"target_ema must be in [0, 1), got {target_ema}")
+        self.target, self.teacher, self.solver = target, teacher, solver
+        self.scales, self.curriculum, self.total = int(scales), curriculum, int(total_steps)
+        self.mu, self.distance, self.huber_c = float(target_ema), distance, huber_c
+        self.index_sampling, self.weighting = index_sampling, weighting
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.level_min, self.level_max = float(level_min), float(level_max)
+        self.step = 0
+
+    def grid(self, schedule) -> torch.Tensor:
+        """This step's time grid (float64): EDM's noise levels from ``level_max`` (EDM's
+        ``sigma_max = 80``, or the schedule's own top level if lower) down to ``level_min``,
+        then t = 0."""
+        n = ict_scales(self.step, self.total, *self.curriculum) if self.curriculum else self.scales
+        return karras(n, schedule, level_min=self.level_min,
+                      level_max=min(self.level_max, _level(schedule, 1.0)))
+
+    def _indices(self, levels: torch.Tensor, n: int, generator) -> torch.Tensor:
+        if self.index_sampling == "uniform":
+            return torch.randint(0, len(levels) - 1, (n,), generator=_cpu(generator))
+        probs = lognormal_index_probs(levels, self.p_mean, self.p_std)
+        return torch.multinomial(probs, n, replacement=True, generator=_cpu(generator))
+
+    def __call__(self, model, batch, generator=None) -> torch.Tensor:
+        x, cond = batch["x"], batch.get("cond")
+        if self.mu > 0:  # theta^- <- mu theta^- + (1 - mu) theta, with theta after the last update
+            self.target.to(x.device)
+            ema_update(list(self.target.net.parameters()), list(model.net.parameters()), self.mu)
+        grid = self.grid(model.schedule)
+        self.step += 1
+        c_grid = model.schedule(grid)
+        levels = c_grid.sigma / c_grid.alpha
+        i = self._indices(levels, x.shape[0], generator)
+        t_hi, t_lo = grid[i].to(x.device), grid[i + 1].to(x.device)
+        z = randn_like(x, generator)
+        x_hi, _ = noisy(model, x, z, t_hi)
+        if self.teacher is None:
+            x_lo, _ = noisy(model, x, z, t_lo)
+        else:
+            x_lo = teacher_steps(self.teacher, x_hi, i, torch.stack([grid[:-1], grid[1:]], 1),
+                                 self.solver, cond)
+        online = model(x_hi, t_hi, cond).data
+        with torch.no_grad():
+            target = _consistency_fn(self.target if self.mu > 0 else model, x_lo, t_lo, cond)
+        if self.distance == "l2":
+            loss = ((online - target) ** 2).reshape(x.shape[0], -1).mean(dim=1)
+        else:
+            loss = pseudo_huber(online, target, self.huber_c)
+        if self.weighting == "inverse_gap":
+            loss = loss / (levels[i] - levels[i + 1]).to(loss)
+        return loss
+
+    def config(self) -> dict:
+        return {"name": "consistency", "distillation": self.teacher is not None,
+                "solver": self.solver, "scales": self.scales, "curriculum": self.curriculum,
+                "target_ema": self.mu, "distance": self.distance,
+                "index_sampling": self.index_sampling, "weighting": self.weighting}
+
+    def state_dict(self) -> dict:
+        state = {"step": torch.tensor(self.step)}
+        if self.mu > 0:
+            state.update({f"target.{k}": v for k, v in self.target.net.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if self.mu > 0:
+            self.target.net.load_state_dict(
+                {k[len("target."):]: v for k, v in state.items() if k.startswith("target.")})
+
+
+def _consistency_fn(model, x_t, t, cond):
+    """``f(x_t, t)``: the model's data prediction, and the boundary value ``x_t`` itself at
+    t = 0 (where EDM preconditioning's ``log sigma`` is not defined)."""
+    out = x_t.clone()
+    rows = (t > 0).nonzero().flatten()
+    out[rows] = model(x_t[rows], t[rows], cond[rows] if cond is not None else None).data
+    return out
+
+
+def _cpu(generator):
+    # Indices are drawn on the CPU (they index the CPU grid); a device generator's draws
+    # would need a copy back.
+    return generator if generator is None or generator.device.type == "cpu" else None
+
+
+def consistency_student(job) -> torch.nn.Module:
+    """The student: the teacher's parameterization when it satisfies the boundary condition,
+    else EDM-preconditioned data prediction (whose ``c_skip(0) = 1`` does)."""
+    t = job.teacher
+    if t.prediction == "data" and not t.precondition:
+        return make_student(job, prediction="data", precondition=True)
+    return make_student(job)
+
+
+def _student(job, model) -> Student:
+    cfg = job.config
+    level = min(cfg["level_max"], _level(model.schedule, 1.0))
+    t_max = float(model.schedule.t_from_logsnr(torch.tensor(-2 * math.log(level))).clamp(max=1.0))
+    return Student(model, job.method.name, "consistency", (1, cfg["max_nfe"]),
+                   {"times": cfg["sample_times"], "t_max": t_max})
+
+
+_SHARED = {"max_nfe": 8, "sample_times": None, "level_min": 2e-3, "level_max": 80.0,
+           "huber_c": None}
+
+
+@register("consistency_distillation", defaults={
+    **_SHARED, "scales": 18, "solver": "heun", "target_ema": 0.95, "distance": "l2",
+    "lr": 1e-4})
+def consistency_distillation(job) -> Student:
+    """Consistency distillation: any tiltflow solver as the teacher's step, an EMA target."""
+    cfg = job.config
+    model = consistency_student(job)
+    loss = ConsistencyLoss(frozen(model), teacher=job.teacher, solver=cfg["solver"],
+                           scales=cfg["scales"], target_ema=cfg["target_ema"],
+                           distance=cfg["distance"], huber_c=cfg["huber_c"],
+                           level_min=cfg["level_min"], level_max=cfg["level_max"],
+                           total_steps=cfg["steps"])
+    return fit(job, _student(job, model), loss, job.teacher_data())
+
+
+@register("consistency_training", needs_data=True, defaults={
+    **_SHARED, "s0": 10, "s1": 1280, "p_mean": -1.1, "p_std": 2.0, "init": "fresh",
+    "lr": 1e-4})
+def consistency_training(job) -> Student:
+    """Improved consistency training: pseudo-Huber, lognormal times, step-count curriculum."""
+    cfg = job.config
+    model = consistency_student(job)
+    loss = ConsistencyLoss(None, curriculum=(cfg["s0"], cfg["s1"]), total_steps=cfg["steps"],
+                           distance="pseudo_huber", huber_c=cfg["huber_c"],
+                           index_sampling="lognormal", weighting="inverse_gap",
+                           p_mean=cfg["p_mean"], p_std=cfg["p_std"], level_min=cfg["level_min"],
+                           level_max=cfg["level_max"])
+    return fit(job, _student(job, model), loss, job.teacher_data())

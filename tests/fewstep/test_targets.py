@@ -1,0 +1,174 @@
+"""Each few-step objective's target is right on the exact mixture: computed from the exact
+teacher (or the exact flow map, by tight integration) it equals what the method's paper says
+it should, to the accuracy of the teacher's solver step or of the integration."""
+
+from __future__ import annotations
+
+import torch
+
+from tiltflow import Denoiser, analytic, fewstep, solvers
+from tiltflow.fewstep.consistency import ConsistencyLoss, lognormal_index_probs, pseudo_huber
+from tiltflow.fewstep.flowmaps import MeanFlowLoss, ShortcutLoss
+from tiltflow.fewstep.progressive import ProgressiveLoss
+from tiltflow.fewstep.reflow import ReflowLoss, generate_pairs
+
+F64 = torch.float64  # the checks run in float64, so round-off stays far below every error
+MIXTURE = analytic.anisotropic_2d()
+
+
+def _exact_map(teacher, x, t, s):
+    """The PF-ODE map from ``x`` at per-example times ``t`` to ``s`` (tight dopri5)."""
+    out = torch.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i:i + 1] = solvers.reference_solve(teacher, x[i:i + 1], float(t[i]), float(s[i]),
+                                               rtol=1e-9, atol=1e-9)
+    return out
+
+
+class ExactFlowMap(fewstep.FlowMap):
+    """The exact average velocity ``(Phi_{t->s}(x) - x) / (s - t)`` of a mixture's PF-ODE; at
+    ``s = t`` the exact instantaneous velocity."""
+
+    def __init__(self, teacher):
+        super().__init__(lambda x, t, cond=None: x, teacher.schedule)
+        self.teacher = teacher
+
+    def average_velocity(self, x_t, t, s, cond=None):
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x_t.shape[0])
+        s = torch.as_tensor(s, dtype=torch.float64).expand(x_t.shape[0])
+        same = (t - s).abs() < 1e-12
+        v = self.teacher(x_t, t).velocity
+        gap = (s - t).clamp(max=-1e-12).reshape(-1, 1)
+        moved = (_exact_map(self.teacher, x_t, t, torch.where(same, t - 1e-3, s)) - x_t) / gap
+        return torch.where(same.reshape(-1, 1), v, moved)
+
+
+def test_consistency_distillation_target_of_the_exact_consistency_function():
+    """With the exact consistency function f(x, t) = Phi_{t->0}(x) as both student and target,
+    the distillation loss is the teacher step's local error only: it falls ~8x (Heun: local
+    error O(h^3)) when the time grid is refined 2x."""
+    teacher = MIXTURE.denoiser("rectified_flow")
+
+    def exact_f(x_t, t, cond=None):
+        return _exact_map(teacher, x_t, t, torch.zeros_like(t))
+
+    exact = Denoiser.from_fn(exact_f, "rectified_flow", "data")
+    x = MIXTURE.sample(16, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for scales in (8, 16):
+        loss = ConsistencyLoss(None, teacher=teacher, solver="heun", scales=scales)  # mu = 0
+        losses.append(float(loss(exact, {"x": x}, torch.Generator().manual_seed(1)).mean()))
+    # squared local errors O(h^6): 2x finer steps make them ~64x smaller; ask for 16x
+    assert losses[1] < losses[0] / 16, losses
+
+
+def test_progressive_target_makes_one_ddim_step_land_on_two_teacher_steps():
+    """Salimans & Ho's x~: one DDIM step from z_t with x_hat = x~ reaches z_t'' exactly."""
+    teacher = MIXTURE.denoiser("vp_linear")
+    loss = ProgressiveLoss(teacher, student_steps=4)
+    x = MIXTURE.sample(64, generator=torch.Generator().manual_seed(2))
+    z_t, i, x_tilde = loss.target(teacher, x, None, torch.Generator().manual_seed(3))
+    t, t2 = loss.grids[i, 0], loss.grids[i, 2]
+    c, c2 = teacher.schedule(t).expand(x), teacher.schedule(t2).expand(x)
+    eps = (z_t - c.alpha * x_tilde) / c.sigma
+    one_step = c2.alpha * x_tilde + c2.sigma * eps
+    two_steps = torch.stack([solvers.solve(teacher, z_t[b:b + 1], loss.grids[i[b]], "ddim")[0]
+                             for b in range(64)])
+    torch.testing.assert_close(one_step, two_steps, rtol=0, atol=1e-10)
+
+
+def test_shortcut_bootstrap_target_is_the_exact_double_step():
+    """For the exact flow map the self-consistency target (u(t, t-d) + u(t-d, t-2d)) / 2 equals
+    u(t, t-2d) (the flow's semigroup property), to the integration tolerance."""
+    exact = ExactFlowMap(MIXTURE.denoiser("rectified_flow"))
+    x_t = 2 * torch.randn(8, 2, generator=torch.Generator().manual_seed(4))
+    t = torch.full((8,), 0.75, dtype=F64)
+    d = torch.full((8,), 0.25, dtype=F64)
+    target = ShortcutLoss().bootstrap_target(exact, x_t, t, d, None)
+    torch.testing.assert_close(target, exact.average_velocity(x_t, t, t - 2 * d), rtol=0,
+                               atol=1e-6)
+
+
+def test_meanflow_identity_holds_for_the_exact_average_velocity():
+    """u = v - (t - r)(v . grad u + d_t u) for the exact average velocity u and the exact
+    (marginal) velocity v. The derivative is taken by central differences of the tightly
+    integrated map, so the identity holds up to their O(h^2) error: halving h must cut the
+    residual ~4x (ask for 3x; the integration tolerance / h stays far below)."""
+    teacher = MIXTURE.denoiser("rectified_flow")
+    exact = ExactFlowMap(teacher)
+    z_t = 2 * torch.randn(6, 2, generator=torch.Generator().manual_seed(5), dtype=F64)
+    t, r = torch.full((6,), 0.8, dtype=F64), torch.full((6,), 0.3, dtype=F64)
+    v = teacher(z_t, t).velocity
+    residuals = []
+    for h in (2e-3, 1e-3):
+        u, target = MeanFlowLoss(jvp="finite_difference", fd_step=h).target(exact, z_t, t, r, v,
+                                                                            None)
+        residuals.append(float((target - u).abs().max()))
+    assert residuals[1] < residuals[0] / 3 and residuals[1] < 1e-3, residuals
+
+
+def test_meanflow_jvp_equals_the_reverse_mode_directional_derivative():
+    """torch.func.jvp with tangent (v, dt = 1) through a real flow-map network equals the same
+    directional derivative by reverse-mode autograd (torch.autograd.functional.jvp), so the
+    forward-mode wiring of both times (t and the step size t - r) is right."""
+    from tiltflow import nets
+
+    torch.manual_seed(0)
+    net = nets.MLP(2, hidden=32, depth=2, num_times=2).double()
+    for p in net.parameters():  # a non-zero output layer
+        torch.nn.init.normal_(p, std=0.3)
+    model = fewstep.FlowMap(net)
+    z = torch.randn(5, 2, dtype=F64)
+    t, r = torch.full((5,), 0.7, dtype=F64), torch.full((5,), 0.2, dtype=F64)
+    v = torch.randn(5, 2, dtype=F64)
+    u, target = MeanFlowLoss(jvp="func").target(model, z, t, r, v, None)
+
+    def u_of(z_, t_):
+        return model.average_velocity(z_, t_, r)
+
+    _, dudt = torch.autograd.functional.jvp(u_of, (z, t), (v, torch.ones_like(t)))
+    torch.testing.assert_close(target, v - 0.5 * dudt, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(u, u_of(z, t))
+
+
+def test_reflow_pairs_are_the_teachers_ode_solutions_and_resume(tmp_path):
+    teacher = MIXTURE.denoiser("rectified_flow")
+    cfg = {**fewstep.COMMON, "teacher_solver": "heun", "teacher_nfe": 63}
+    pairs = generate_pairs(teacher, (2,), 10, cfg, tmp_path, chunk=4)
+    assert pairs["x"].shape == (10, 2, 2) and len(list(tmp_path.glob("chunk_*.pt"))) == 3
+    z, x = pairs["x"][:, 0], pairs["x"][:, 1]
+    ref = solvers.reference_solve(teacher, z.double())
+    # Heun with 32 steps: global error O(h^2) ~ 1e-3 on this mixture
+    assert float((x - ref).abs().max()) < 5e-3
+    (tmp_path / "chunk_00001.pt").unlink()  # an interrupted run: the missing chunk is redrawn
+    again = generate_pairs(teacher, (2,), 10, cfg, tmp_path, chunk=4)
+    torch.testing.assert_close(again["x"], pairs["x"], rtol=0, atol=0)
+
+
+def test_reflow_loss_is_zero_for_the_coupling_it_was_built_from():
+    """On a deterministic straight coupling (x = z shifted) the exact velocity of the pairs is
+    the constant z - x, which a model predicting it attains with zero loss."""
+    shift = torch.tensor([1.0, -2.0], dtype=F64)
+
+    def velocity(x_t, t, cond=None):
+        return torch.zeros_like(x_t) - shift  # z - x = -shift for every pair
+
+    model = Denoiser.from_fn(velocity, "rectified_flow", "velocity")
+    z = torch.randn(32, 2, generator=torch.Generator().manual_seed(6), dtype=F64)
+    pairs = torch.stack([z, z + shift], dim=1)
+    assert float(ReflowLoss()(model, {"x": pairs}).max()) < 1e-28
+
+
+def test_pseudo_huber_and_lognormal_probabilities():
+    a, b = torch.zeros(3, 4, dtype=F64), torch.full((3, 4), 0.5, dtype=F64)
+    torch.testing.assert_close(pseudo_huber(a, b, c=0.0), torch.full((3,), 1.0, dtype=F64))
+    small = pseudo_huber(a, a + 1e-4, c=1.0)  # |d|^2 / (2c) - |d|^4 / (8c^3) for |d| << c
+    torch.testing.assert_close(small, torch.full((3,), 4e-8 / 2, dtype=F64), rtol=1e-7, atol=0)
+    levels = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.0], dtype=F64)
+    p = lognormal_index_probs(levels, -1.1, 2.0)
+    assert abs(float(p.sum()) - 1) < 1e-12 and bool((p > 0).all())
+    # each interval's mass under the lognormal, given s < 80: P(0.1 < s < 1) / P(s < 80)
+    phi = torch.distributions.Normal(torch.tensor(-1.1, dtype=F64), 2.0).cdf
+    log = torch.log(torch.tensor([1.0, 0.1, 80.0], dtype=F64))
+    expect = (phi(log[0]) - phi(log[1])) / phi(log[2])
+    torch.testing.assert_close(p[2], expect, rtol=1e-10, atol=0)
