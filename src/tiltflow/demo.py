@@ -5,7 +5,8 @@
 2. A class-conditional rectified-flow UNet on scikit-learn's 8x8 digits: one row per class
    next to real digits, FD-digits with its floor, and the accuracy of a digits classifier on
    the samples.
-3. Each method family's own section, from its ``demo.py`` (solvers: :mod:`tiltflow.solvers.demo`).
+3. Each method family's own section, from its ``demo.py`` (solvers: :mod:`tiltflow.solvers.demo`,
+   few-step students: :mod:`tiltflow.fewstep.demo`).
 
 Each part is a function ``part(out_dir, report, quick)``; later capabilities add theirs to
 ``PARTS``. Budgets fit `make demo` in about ten minutes on two CPU cores.
@@ -153,7 +154,13 @@ def _solvers_part(out: Path, report: Report, quick: bool) -> None:
     solvers_part(out, report, quick)
 
 
-PARTS = [two_d_part, digits_part, _solvers_part]
+def _fewstep_part(out: Path, report: Report, quick: bool) -> None:
+    from .fewstep.demo import fewstep_part
+
+    fewstep_part(out, report, quick)
+
+
+PARTS = [two_d_part, digits_part, _solvers_part, _fewstep_part]
 
 
 def run_demo(out_dir="runs/demo", quick: bool = False) -> Path:

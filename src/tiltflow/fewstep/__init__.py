@@ -13,9 +13,9 @@ which isolates each method's own error. ``tiltflow distill`` is the same from th
 
 from __future__ import annotations
 
-from . import consistency, flowmaps, progressive, reflow  # noqa: F401  (register the methods)
-from .base import COMMON, distill, get_method, load, methods, register
+from . import consistency, flowmaps, mmd, progressive, reflow  # noqa: F401  (register the methods)
+from .base import COMMON, distill, get_method, is_student, load, methods, register
 from .student import FlowMap, Student, sample
 
-__all__ = ["distill", "sample", "methods", "get_method", "load", "register", "Student", "FlowMap",
-           "COMMON"]
+__all__ = ["distill", "sample", "methods", "get_method", "load", "is_student", "register",
+           "Student", "FlowMap", "COMMON"]

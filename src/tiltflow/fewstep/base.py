@@ -196,11 +196,13 @@ def _as_data(data) -> dict | None:
                     f"dataset name, got {type(data).__name__}")
 
 
-def _shape(teacher, data, cfg) -> tuple[int, ...]:
+def _shape(teacher, data, cfg, data_info) -> tuple[int, ...]:
     if data is not None:
         return tuple(data["x"].shape[1:])
     if cfg["shape"] is not None:
         return tuple(int(s) for s in cfg["shape"])
+    if data_info and data_info.get("shape"):
+        return tuple(data_info["shape"])
     shape = getattr(teacher, "data_shape", None)
     if shape is None:
         raise UserError("cannot tell the data shape: pass data=..., or config={'shape': [...]}")
@@ -232,13 +234,20 @@ def make_student(job: Job, *, flow_map: bool = False, prediction: str | None = N
     if flow_map:
         spec["num_times"] = 2
     schedule = schedule or teacher.schedule
+    with torch.random.fork_rng(devices=[]):  # the same seed, the same initial student
+        torch.manual_seed(cfg["seed"])
+        net = nets.build(spec)
     if flow_map:
-        student = FlowMap(nets.build(spec), schedule)
+        student = FlowMap(net, schedule)
     else:
         prediction = prediction or teacher.prediction
         precondition = teacher.precondition if precondition is None else precondition
-        student = Denoiser(nets.build(spec), schedule, prediction, precondition=precondition,
-                           sigma_data=teacher.sigma_data)
+        # a preconditioned student of a teacher without preconditioning: EDM's sigma_data is
+        # the data's standard deviation (Karras et al. 2022, sec. 5)
+        sigma_data = (teacher.sigma_data if teacher.precondition or not precondition
+                      else float(job.teacher_data()["x"].std()))
+        student = Denoiser(net, schedule, prediction, precondition=precondition,
+                           sigma_data=sigma_data)
     same_kind = (student.prediction == teacher.prediction
                  and student.precondition == teacher.precondition)
     wants = cfg["init"] == "teacher" or (cfg["init"] == "auto" and same_kind)
@@ -300,7 +309,7 @@ def distill(method: str, teacher: Denoiser, data=None, config: dict | None = Non
         raise UserError(f"teacher must be a tiltflow.Denoiser, got {type(teacher).__name__}")
     cfg = check_config(spec, config)
     data = _as_data(data)
-    shape = _shape(teacher, data, cfg)
+    shape = _shape(teacher, data, cfg, data_info)
     num_classes = int(cfg["num_classes"])
     if data is not None and data.get("cond") is not None and not num_classes:
         num_classes = int(data["cond"].max()) + 1
@@ -318,15 +327,29 @@ def distill(method: str, teacher: Denoiser, data=None, config: dict | None = Non
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _student_path(path) -> Path:
+    pointer = Path(path) / "student.json"
+    return Path(path) / json.loads(pointer.read_text())["run"] if pointer.is_file() else Path(path)
+
+
+def is_student(path) -> bool:
+    """Whether ``path`` is a ``distill`` run (or checkpoint) directory: reads ``state.json``
+    only."""
+    from ..checkpoint import _resolve
+
+    try:
+        state = json.loads((_resolve(_student_path(path)) / "state.json").read_text())
+    except (UserError, OSError, ValueError):
+        return False
+    return bool(((state.get("config") or {}).get("run") or {}).get("fewstep"))
+
+
 def load(path, use_ema: bool = True) -> Student:
     """The student of a ``distill`` run directory (or one of its checkpoints)."""
     from .. import nets
     from ..checkpoint import load_checkpoint
 
-    pointer = Path(path) / "student.json"
-    if pointer.is_file():
-        path = Path(path) / json.loads(pointer.read_text())["run"]
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(_student_path(path))
     desc = ((ckpt.config.get("run") or {}).get("fewstep"))
     if not desc:
         raise UserError(f"{str(ckpt.path)!r} is not a few-step student (no 'fewstep' entry in "

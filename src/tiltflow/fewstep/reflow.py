@@ -6,7 +6,11 @@ retrains on the *coupled* pairs with the teacher's own objective, ``x_t = alpha_
 and the target in the student's prediction kind (the velocity ``z - x`` for rectified flow, the
 noise ``z`` for an epsilon model). The pairs' coupling is deterministic, so the retrained flow
 has straighter paths and samples well with few Euler (or DDIM) steps; ``rounds = k`` repeats it
-(k-rectified flow, each round's student the next round's teacher).
+(k-rectified flow, each round's student the next round's teacher). ``one_step_steps > 0`` adds
+InstaFlow's last stage (Liu et al. 2024, "InstaFlow", sec. 3.2): the reflowed model's own pairs
+train it at ``t = 1`` only, where the velocity loss is the squared error of the one-step
+endpoint ``z - v(z, 1)`` (the paper uses LPIPS on images; here the squared error), and the
+student samples in exactly one step.
 
 Pairs are written in chunks (``pairs/chunk_00000.pt`` ...), each from its own seed, so pair
 generation resumes where it stopped and splits over ``accelerate`` processes (chunk ``i`` on
@@ -78,7 +82,7 @@ def generate_pairs(teacher, shape, num: int, cfg: dict, directory: Path, num_cla
 
 
 @register("reflow", defaults={"rounds": 1, "solver": "euler", "time_sampling": "uniform",
-                              "t_min": 0.0, "lr": 1e-4})
+                              "t_min": 0.0, "one_step_steps": 0, "lr": 1e-4})
 def reflow(job) -> Student:
     """Reflow / k-rectified flow / Rectified Diffusion: retrain on the teacher's (noise, sample)
     pairs; sampled with ``solver`` at any NFE."""
@@ -94,5 +98,12 @@ def reflow(job) -> Student:
         student = fit(job, student, ReflowLoss(cfg["time_sampling"], cfg["t_min"]), pairs,
                       round_dir / "run")
         teacher = student.model
+    if cfg["one_step_steps"] > 0:
+        one_dir = job.out_dir / "one_step"
+        pairs = generate_pairs(teacher, job.shape, cfg["num_data"], cfg, one_dir / "pairs",
+                               job.num_classes)
+        student = Student(trainable(student.model), "reflow", "solver", (1, 1), {"solver": "euler"})
+        student = fit(job, student, ReflowLoss(t_min=1.0), pairs, one_dir / "run",
+                      steps=cfg["one_step_steps"])
     job.point_to(student)
     return student

@@ -124,7 +124,7 @@ def _flow_map_sampler(student, noise, nfe, cond, generator):
     model = student.model
     grid = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
     x = float(model.schedule.sigma(grid[0])) * noise
-    for t, s in zip(grid[:-1].tolist(), grid[1:].tolist()):
+    for t, s in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
         x = model.jump(x, t, s, cond)
     return x
 
