@@ -47,6 +47,9 @@ METHODS = {  # name -> (method, extra config)
     "meanflow_fd": ("meanflow", {"jvp": "finite_difference"}),
     "mmd": ("mmd", {"nfe": 1}),
     "mmd_2": ("mmd", {"nfe": 2}),
+    "dmd": ("dmd", {}),
+    "vsd": ("vsd", {}),
+    "sid": ("sid", {}),
 }
 
 

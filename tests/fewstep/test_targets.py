@@ -172,3 +172,17 @@ def test_pseudo_huber_and_lognormal_probabilities():
     log = torch.log(torch.tensor([1.0, 0.1, 80.0], dtype=F64))
     expect = (phi(log[0]) - phi(log[1])) / phi(log[2])
     torch.testing.assert_close(p[2], expect, rtol=1e-10, atol=0)
+
+
+def test_score_distillation_gradient_vanishes_when_the_fake_score_is_the_real_one():
+    """DMD's and VSD's generator gradient is the difference of the real and fake scores: zero
+    when the fake network is the teacher itself (the generator already matches)."""
+    from tiltflow.fewstep.score import ScoreDistillationLoss
+
+    teacher = MIXTURE.denoiser("rectified_flow")
+    x_g = MIXTURE.sample(32, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
+    for kind in ("dmd", "vsd"):
+        loss = ScoreDistillationLoss(kind, teacher, teacher)
+        value = loss.generator_loss(x_g, None, torch.Generator().manual_seed(8)).sum()
+        (grad,) = torch.autograd.grad(value, x_g)
+        assert float(grad.abs().max()) == 0.0, kind
