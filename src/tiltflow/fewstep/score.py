@@ -7,8 +7,9 @@ with the one-step consistency sampler. Next to it a *fake score* network (a copy
 teacher; for a teacher without a network, a fresh one warmed up for ``fake_warmup`` steps)
 learns the score of the generator's own samples by denoising (``x_t = alpha x_g + sigma eps``,
 the squared error of its own prediction kind on ``x_g`` detached), ``fake_steps`` updates per
-generator update with its own AdamW (the two time-scale rule of DMD2, Yin et al. 2024b). The generator is then pushed along the difference of the real (teacher) and fake
-scores at ``x_t``, ``t ~ U[t_min, t_max]``:
+generator update with its own AdamW (the two time-scale rule of DMD2, Yin et al. 2024b). The
+generator is then pushed along the difference of the real (teacher) and fake scores at
+``x_t``, ``t ~ U[t_min, t_max]``:
 
 - **DMD** (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation",
   eq. 7-8): gradient ``(x_hat_fake - x_hat_real) / mean|x_g - x_hat_real|`` on ``x_g``, plus
