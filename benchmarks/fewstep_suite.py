@@ -42,6 +42,8 @@ METHODS = {  # name -> (method, extra config)
     "progressive_distillation": ("progressive_distillation", {"teacher_steps": 64}),
     "consistency_distillation": ("consistency_distillation", {}),
     "consistency_training": ("consistency_training", {}),
+    "easy_consistency_tuning": ("easy_consistency_tuning", {}),
+    "stable_consistency_tuning": ("stable_consistency_tuning", {}),
     "shortcut": ("shortcut", {}),
     "meanflow": ("meanflow", {}),
     "meanflow_fd": ("meanflow", {"jvp": "finite_difference"}),

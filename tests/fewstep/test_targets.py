@@ -186,3 +186,22 @@ def test_score_distillation_gradient_vanishes_when_the_fake_score_is_the_real_on
         value = loss.generator_loss(x_g, None, torch.Generator().manual_seed(8)).sum()
         (grad,) = torch.autograd.grad(value, x_g)
         assert float(grad.abs().max()) == 0.0, kind
+
+
+def test_batch_posterior_mean_is_the_exact_one_of_the_empirical_distribution():
+    """For a batch holding the mixture's component means, with an x_t close to one of them at
+    a small noise level, the estimate picks that mean; at a huge noise level it is the batch
+    mean (all weights equal)."""
+    from tiltflow.fewstep.consistency import batch_posterior_mean
+    from tiltflow.schedules import Coeffs
+
+    x = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]], dtype=F64)
+    one = torch.ones(3, 1, dtype=F64)
+    x_t = torch.tensor([[3.9, 0.1], [0.1, 3.9], [0.0, 0.1]], dtype=F64)
+    sharp = batch_posterior_mean(x_t, Coeffs(one, 0.1 * one, one, one), x)
+    torch.testing.assert_close(sharp, x[[1, 2, 0]], rtol=0, atol=1e-12)
+    flat = batch_posterior_mean(x_t, Coeffs(1e-6 * one, 1e3 * one, one, one), x)
+    torch.testing.assert_close(flat, x.mean(0).expand(3, 2), rtol=0, atol=1e-9)
+    labelled = batch_posterior_mean(x_t, Coeffs(one, 1e3 * one, one, one), x,
+                                    cond=torch.tensor([0, 1, 1]))
+    torch.testing.assert_close(labelled[0], x[0])  # alone in its class

@@ -23,6 +23,14 @@ eq. 5, mapped through the model's schedule) and minimize
   noise levels ``s = sigma / alpha``; weight ``1 / (s_{i+1} - s_i)``; and the step-count
   curriculum ``N(k) = min(s0 2^floor(k / K'), s1)``, ``K' = floor(K / (log2(s1 / s0) + 1))``.
 
+- **Easy consistency tuning** (``easy_consistency_tuning``, Geng et al. 2024, "Consistency
+  Models Made Easy"): consistency training started from the teacher's weights, with
+  continuous pairs ``(t, r)`` whose gap shrinks in stages towards ``dt -> 0``
+  (:meth:`ConsistencyLoss._ect_pairs`).
+- **Stable consistency tuning** (``stable_consistency_tuning``, Wang et al. 2024): ECT whose
+  one-sample target is replaced by the variance-reduced estimate from the whole batch
+  (:func:`batch_posterior_mean`, the self-normalized importance-weighted score identity).
+
 Students sample with multistep consistency sampling (:mod:`.student`).
 """
 
@@ -73,7 +81,7 @@ class ConsistencyLoss:
                  target_ema: float = 0.0, distance: str = "l2", huber_c: float | None = None,
                  index_sampling: str = "uniform", weighting: str = "uniform",
                  p_mean: float = -1.1, p_std: float = 2.0, level_min: float = 2e-3,
-                 level_max: float = 80.0):
+                 level_max: float = 80.0, pairs: str = "grid", estimate: str = "sample"):
         if distance not in ("l2", "pseudo_huber"):
             raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {distance!r}")
         if index_sampling not in ("uniform", "lognormal"):
@@ -81,6 +89,10 @@ class ConsistencyLoss:
                              f"{index_sampling!r}")
         if weighting not in ("uniform", "inverse_gap"):
             raise ValueError(f"weighting must be 'uniform' or 'inverse_gap', got {weighting!r}")
+        if pairs not in ("grid", "ect"):
+            raise ValueError(f"pairs must be 'grid' or 'ect', got {pairs!r}")
+        if estimate not in ("sample", "batch"):
+            raise ValueError(f"estimate must be 'sample' or 'batch', got {estimate!r}")
         if not 0.0 <= target_ema < 1.0:
             raise ValueError(f"target_ema must be in [0, 1), got {target_ema}")
         self.target, self.teacher, self.solver = target, teacher, solver
@@ -89,6 +101,7 @@ class ConsistencyLoss:
         self.index_sampling, self.weighting = index_sampling, weighting
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.level_min, self.level_max = float(level_min), float(level_max)
+        self.pairs, self.estimate = pairs, estimate
         self.step = 0
 
     def grid(self, schedule) -> torch.Tensor:
@@ -105,24 +118,53 @@ class ConsistencyLoss:
         probs = lognormal_index_probs(levels, self.p_mean, self.p_std)
         return torch.multinomial(probs, n, replacement=True, generator=_cpu(generator))
 
+    def _grid_pairs(self, schedule, n: int, generator):
+        """Adjacent times ``(t_{i+1}, t_i)`` of this step's grid, their level gaps, and ``i``
+        with the grid (for the teacher's step)."""
+        grid = self.grid(schedule)
+        c_grid = schedule(grid)
+        levels = c_grid.sigma / c_grid.alpha
+        i = self._indices(levels, n, generator)
+        return grid[i], grid[i + 1], levels[i] - levels[i + 1], (i, grid)
+
+    def _ect_pairs(self, schedule, n: int, generator):
+        """ECT's continuous pairs (Geng et al. 2024, sec. 3.2): noise level ``s_t`` lognormal
+        in ``[level_min, level_max]``, ``s_r = s_t (1 - n(s_t) / q^a)`` with ``n(s) = 1 + 8
+        sigmoid(-s)``, ``q = 2`` and ``a`` growing by one every eighth of the run, so the pair
+        shrinks towards the continuous-time limit; ``s_r`` below ``level_min`` becomes t = 0."""
+        z = torch.randn(n, generator=_cpu(generator), dtype=torch.float64)
+        hi = min(self.level_max, _level(schedule, 1.0))
+        s_t = torch.exp(self.p_mean + self.p_std * z).clamp(self.level_min, hi)
+        stage = self.step // max(self.total // 8, 1)
+        s_r = s_t * (1 - (1 + 8 * torch.sigmoid(-s_t)) / 2.0**stage).clamp(min=0)
+        t_of = schedule.t_from_logsnr
+        t_hi = t_of(-2 * torch.log(s_t)).clamp(0, 1)
+        t_lo = torch.where(s_r < self.level_min, torch.zeros_like(s_r),
+                           t_of(-2 * torch.log(s_r.clamp(min=1e-30))).clamp(0, 1))
+        s_r = torch.where(s_r < self.level_min, torch.zeros_like(s_r), s_r)
+        return t_hi, t_lo, s_t - s_r, None
+
     def __call__(self, model, batch, generator=None) -> torch.Tensor:
         x, cond = batch["x"], batch.get("cond")
         if self.mu > 0:  # theta^- <- mu theta^- + (1 - mu) theta, with theta after the last update
             self.target.to(x.device)
             ema_update(list(self.target.net.parameters()), list(model.net.parameters()), self.mu)
-        grid = self.grid(model.schedule)
+        make_pairs = self._grid_pairs if self.pairs == "grid" else self._ect_pairs
+        t_hi, t_lo, gap, where = make_pairs(model.schedule, x.shape[0], generator)
         self.step += 1
-        c_grid = model.schedule(grid)
-        levels = c_grid.sigma / c_grid.alpha
-        i = self._indices(levels, x.shape[0], generator)
-        t_hi, t_lo = grid[i].to(x.device), grid[i + 1].to(x.device)
+        t_hi, t_lo = t_hi.to(x.device), t_lo.to(x.device)
         z = randn_like(x, generator)
-        x_hi, _ = noisy(model, x, z, t_hi)
-        if self.teacher is None:
-            x_lo, _ = noisy(model, x, z, t_lo)
-        else:
+        x_hi, c_hi = noisy(model, x, z, t_hi)
+        if self.teacher is not None:
+            i, grid = where
             x_lo = teacher_steps(self.teacher, x_hi, i, torch.stack([grid[:-1], grid[1:]], 1),
                                  self.solver, cond)
+        elif self.estimate == "batch":
+            c_lo = model.schedule(t_lo).expand(x)
+            x_hat = batch_posterior_mean(x_hi, c_hi, x, cond)
+            x_lo = c_lo.alpha * x_hat + c_lo.sigma * (x_hi - c_hi.alpha * x_hat) / c_hi.sigma
+        else:
+            x_lo, _ = noisy(model, x, z, t_lo)
         online = model(x_hi, t_hi, cond).data
         with torch.no_grad():
             target = _consistency_fn(self.target if self.mu > 0 else model, x_lo, t_lo, cond)
@@ -131,7 +173,7 @@ class ConsistencyLoss:
         else:
             loss = pseudo_huber(online, target, self.huber_c)
         if self.weighting == "inverse_gap":
-            loss = loss / (levels[i] - levels[i + 1]).to(loss)
+            loss = loss / gap.to(loss)
         return loss
 
     def config(self) -> dict:
@@ -151,6 +193,19 @@ class ConsistencyLoss:
         if self.mu > 0:
             self.target.net.load_state_dict(
                 {k[len("target."):]: v for k, v in state.items() if k.startswith("target.")})
+
+
+def batch_posterior_mean(x_t, c, x, cond=None) -> torch.Tensor:
+    """``E[x | x_t]`` under the empirical distribution of the batch ``x`` (of the same class when
+    labelled): self-normalized weights ``N(x_t; alpha x_j, sigma^2)``, the variance-reduced
+    score estimate of stable consistency tuning (Wang et al. 2024, "Stable Consistency
+    Tuning", sec. 4.2)."""
+    diff = x_t.flatten(1)[:, None, :] - c.alpha.reshape(-1, 1, 1) * x.flatten(1)[None]
+    logits = -(diff**2).sum(-1) / (2 * c.sigma.reshape(-1, 1) ** 2)
+    if cond is not None:
+        logits = logits.masked_fill(cond[:, None] != cond[None, :], float("-inf"))
+    weights = torch.softmax(logits, dim=1)
+    return (weights @ x.flatten(1)).reshape(x.shape)
 
 
 def _consistency_fn(model, x_t, t, cond):
@@ -217,3 +272,28 @@ def consistency_training(job) -> Student:
                            p_mean=cfg["p_mean"], p_std=cfg["p_std"], level_min=cfg["level_min"],
                            level_max=cfg["level_max"])
     return fit(job, _student(job, model), loss, job.teacher_data())
+
+
+def _tuning(job, estimate: str) -> Student:
+    cfg = job.config
+    model = consistency_student(job)
+    loss = ConsistencyLoss(None, total_steps=cfg["steps"], distance="pseudo_huber",
+                           huber_c=cfg["huber_c"], weighting="inverse_gap", pairs="ect",
+                           estimate=estimate, p_mean=cfg["p_mean"], p_std=cfg["p_std"],
+                           level_min=cfg["level_min"], level_max=cfg["level_max"])
+    return fit(job, _student(job, model), loss, job.teacher_data())
+
+
+_TUNING = {**_SHARED, "p_mean": -1.1, "p_std": 2.0, "lr": 1e-4}
+
+
+@register("easy_consistency_tuning", needs_data=True, defaults=dict(_TUNING))
+def easy_consistency_tuning(job) -> Student:
+    """Easy consistency tuning: CT from the teacher's weights, pairs shrinking to dt -> 0."""
+    return _tuning(job, "sample")
+
+
+@register("stable_consistency_tuning", needs_data=True, defaults=dict(_TUNING))
+def stable_consistency_tuning(job) -> Student:
+    """Stable consistency tuning: ECT with the batch's variance-reduced score target."""
+    return _tuning(job, "batch")
