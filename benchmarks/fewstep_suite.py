@@ -41,6 +41,7 @@ METHODS = {  # name -> (method, extra config)
     "reflow": ("reflow", {}),
     "progressive_distillation": ("progressive_distillation", {"teacher_steps": 64}),
     "consistency_distillation": ("consistency_distillation", {}),
+    "phased_consistency_distillation": ("phased_consistency_distillation", {"phases": 4}),
     "consistency_training": ("consistency_training", {}),
     "easy_consistency_tuning": ("easy_consistency_tuning", {}),
     "stable_consistency_tuning": ("stable_consistency_tuning", {}),

@@ -18,13 +18,16 @@ SMALL = {"batch_size": 128, "num_data": 1024, "lr": 1e-3, "warmup_steps": 10, "l
 STEPS = {"reflow": 150, "progressive_distillation": 100, "consistency_distillation": 100,
          "consistency_training": 150, "shortcut": 150, "meanflow": 150, "mmd": 300,
          "dmd": 150, "vsd": 150, "sid": 150, "easy_consistency_tuning": 150,
-         "stable_consistency_tuning": 150}
+         "stable_consistency_tuning": 150, "phased_consistency_distillation": 150}
 EXTRA = {"progressive_distillation": {"teacher_steps": 4}, "consistency_distillation":
          {"scales": 8}, "consistency_training": {"s0": 4, "s1": 16}, "mmd": {"nfe": 1},
+         "phased_consistency_distillation": {"phases": 2, "scales": 8},
          "dmd": {"regression_pairs": 256}}
 
 
-def _sw2(student, nfe: int = 1) -> float:  # progressive: distilled down to 1 step
+def _sw2(student, nfe: int | None = None) -> float:
+    """At the fewest steps the student supports (1; PCM: its phases)."""
+    nfe = nfe or student.nfe[0]
     noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(2))
     x = fewstep.sample(student, noise, nfe=nfe, generator=torch.Generator().manual_seed(3))
     return metrics.sliced_w2(x.double(), REF, generator=torch.Generator().manual_seed(4))

@@ -23,6 +23,12 @@ eq. 5, mapped through the model's schedule) and minimize
   noise levels ``s = sigma / alpha``; weight ``1 / (s_{i+1} - s_i)``; and the step-count
   curriculum ``N(k) = min(s0 2^floor(k / K'), s1)``, ``K' = floor(K / (log2(s1 / s0) + 1))``.
 
+- **Phased consistency distillation** (``phased_consistency_distillation``, Wang et al. 2024,
+  "Phased Consistency Models", Algorithm 1 without its optional adversarial term): the time
+  axis splits into ``phases`` sub-trajectories at edge times ``s_m``; within a phase the
+  consistency function is the DDIM jump ``alpha_s x_hat + sigma_s eps_hat`` to its lower
+  edge (the identity at the edge), trained as consistency distillation; the student samples
+  with DDIM on the edges (``nfe = phases``, deterministic).
 - **Easy consistency tuning** (``easy_consistency_tuning``, Geng et al. 2024, "Consistency
   Models Made Easy"): consistency training started from the teacher's weights, with
   continuous pairs ``(t, r)`` whose gap shrinks in stages towards ``dt -> 0``
@@ -81,7 +87,8 @@ class ConsistencyLoss:
                  target_ema: float = 0.0, distance: str = "l2", huber_c: float | None = None,
                  index_sampling: str = "uniform", weighting: str = "uniform",
                  p_mean: float = -1.1, p_std: float = 2.0, level_min: float = 2e-3,
-                 level_max: float = 80.0, pairs: str = "grid", estimate: str = "sample"):
+                 level_max: float = 80.0, pairs: str = "grid", estimate: str = "sample",
+                 phases: int = 1):
         if distance not in ("l2", "pseudo_huber"):
             raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {distance!r}")
         if index_sampling not in ("uniform", "lognormal"):
@@ -101,7 +108,10 @@ class ConsistencyLoss:
         self.index_sampling, self.weighting = index_sampling, weighting
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.level_min, self.level_max = float(level_min), float(level_max)
-        self.pairs, self.estimate = pairs, estimate
+        self.pairs, self.estimate, self.phases = pairs, estimate, int(phases)
+        if self.phases > 1 and (self.scales % self.phases or pairs != "grid" or curriculum):
+            raise ValueError(f"phased consistency needs a fixed grid whose steps ({scales}) "
+                             f"are a multiple of the phases ({phases})")
         self.step = 0
 
     def grid(self, schedule) -> torch.Tensor:
@@ -109,8 +119,15 @@ class ConsistencyLoss:
         ``sigma_max = 80``, or the schedule's own top level if lower) down to ``level_min``,
         then t = 0."""
         n = ict_scales(self.step, self.total, *self.curriculum) if self.curriculum else self.scales
+        if self.phases > 1:  # PCM: uniform steps, so that the phase edges fall on the grid
+            return torch.linspace(top_time(schedule, self.level_max), 0.0, n + 1,
+                                  dtype=torch.float64)
         return karras(n, schedule, level_min=self.level_min,
                       level_max=min(self.level_max, _level(schedule, 1.0)))
+
+    def edges(self, schedule) -> torch.Tensor:
+        """The phase edges ``s_M > ... > s_0 = 0`` (every ``scales / phases``-th grid time)."""
+        return self.grid(schedule)[:: self.scales // self.phases]
 
     def _indices(self, levels: torch.Tensor, n: int, generator) -> torch.Tensor:
         if self.index_sampling == "uniform":
@@ -165,9 +182,16 @@ class ConsistencyLoss:
             x_lo = c_lo.alpha * x_hat + c_lo.sigma * (x_hi - c_hi.alpha * x_hat) / c_hi.sigma
         else:
             x_lo, _ = noisy(model, x, z, t_lo)
-        online = model(x_hi, t_hi, cond).data
+        s = torch.zeros_like(t_lo)
+        if self.phases > 1:  # the lower edge of each pair's phase
+            i, grid = where
+            per_phase = self.scales // self.phases
+            s = grid[(i // per_phase + 1) * per_phase].to(x.device)
+            online = _consistency_fn(model, x_hi, t_hi, cond, s)
+        else:
+            online = model(x_hi, t_hi, cond).data
         with torch.no_grad():
-            target = _consistency_fn(self.target if self.mu > 0 else model, x_lo, t_lo, cond)
+            target = _consistency_fn(self.target if self.mu > 0 else model, x_lo, t_lo, cond, s)
         if self.distance == "l2":
             loss = ((online - target) ** 2).reshape(x.shape[0], -1).mean(dim=1)
         else:
@@ -208,13 +232,28 @@ def batch_posterior_mean(x_t, c, x, cond=None) -> torch.Tensor:
     return (weights @ x.flatten(1)).reshape(x.shape)
 
 
-def _consistency_fn(model, x_t, t, cond):
+def _consistency_fn(model, x_t, t, cond, s=None):
     """``f(x_t, t)``: the model's data prediction, and the boundary value ``x_t`` itself at
-    t = 0 (where EDM preconditioning's ``log sigma`` is not defined)."""
+    t = 0 (where EDM preconditioning's ``log sigma`` is not defined). With phase edges ``s``
+    (PCM) the DDIM jump to ``s``: ``alpha_s x_hat + sigma_s eps_hat``, and ``x_t`` where
+    ``t = s``."""
+    s = torch.zeros_like(t) if s is None else s
     out = x_t.clone()
-    rows = (t > 0).nonzero().flatten()
-    out[rows] = model(x_t[rows], t[rows], cond[rows] if cond is not None else None).data
+    rows = (t > s).nonzero().flatten()
+    c = cond[rows] if cond is not None else None
+    pred = model(x_t[rows], t[rows], c)
+    if not bool((s > 0).any()):
+        out[rows] = pred.data
+        return out
+    c_s = model.schedule(s[rows]).expand(x_t)
+    out[rows] = c_s.alpha * pred.x_hat + c_s.sigma * pred.eps_hat
     return out
+
+
+def top_time(schedule, level_max: float) -> float:
+    """The time at noise level ``min(level_max, the schedule's top level)``."""
+    level = min(level_max, _level(schedule, 1.0))
+    return float(schedule.t_from_logsnr(torch.tensor(-2 * math.log(level))).clamp(max=1.0))
 
 
 def _cpu(generator):
@@ -234,8 +273,7 @@ def consistency_student(job) -> torch.nn.Module:
 
 def _student(job, model) -> Student:
     cfg = job.config
-    level = min(cfg["level_max"], _level(model.schedule, 1.0))
-    t_max = float(model.schedule.t_from_logsnr(torch.tensor(-2 * math.log(level))).clamp(max=1.0))
+    t_max = top_time(model.schedule, cfg["level_max"])
     return Student(model, job.method.name, "consistency", (1, cfg["max_nfe"]),
                    {"times": cfg["sample_times"], "t_max": t_max})
 
@@ -297,3 +335,21 @@ def easy_consistency_tuning(job) -> Student:
 def stable_consistency_tuning(job) -> Student:
     """Stable consistency tuning: ECT with the batch's variance-reduced score target."""
     return _tuning(job, "batch")
+
+
+@register("phased_consistency_distillation", defaults={
+    **_SHARED, "phases": 4, "scales": 48, "solver": "heun", "target_ema": 0.95,
+    "distance": "l2", "lr": 1e-4})
+def phased_consistency_distillation(job) -> Student:
+    """Phased consistency distillation (PCM): one consistency map per phase, DDIM across."""
+    cfg = job.config
+    model = consistency_student(job)
+    loss = ConsistencyLoss(frozen(model), teacher=job.teacher, solver=cfg["solver"],
+                           scales=cfg["scales"], target_ema=cfg["target_ema"],
+                           distance=cfg["distance"], huber_c=cfg["huber_c"],
+                           level_max=cfg["level_max"], total_steps=cfg["steps"],
+                           phases=cfg["phases"])
+    edges = loss.edges(model.schedule).tolist()
+    student = Student(model, job.method.name, "solver", (cfg["phases"], cfg["phases"]),
+                      {"solver": "ddim", "grid": edges})
+    return fit(job, student, loss, job.teacher_data())
