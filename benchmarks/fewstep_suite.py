@@ -39,9 +39,13 @@ NET = {"name": "mlp", "dim": 2, "hidden": 128, "depth": 3}
 TEACHER_SOLVERS = ("euler", "ddim", "dpmpp_2m", "unipc", "deis", "ipndm", "heun", "dpm_solver")
 METHODS = {  # name -> (method, extra config)
     "reflow": ("reflow", {}),
+    "reflow_instaflow": ("reflow", {"one_step_steps": 1000}),
+    "perflow": ("perflow", {"windows": 4}),
+    "perflow_2": ("perflow", {"windows": 2}),
     "progressive_distillation": ("progressive_distillation", {"teacher_steps": 64}),
     "consistency_distillation": ("consistency_distillation", {}),
     "phased_consistency_distillation": ("phased_consistency_distillation", {"phases": 4}),
+    "pcm_2": ("phased_consistency_distillation", {"phases": 2}),
     "consistency_training": ("consistency_training", {}),
     "easy_consistency_tuning": ("easy_consistency_tuning", {}),
     "stable_consistency_tuning": ("stable_consistency_tuning", {}),

@@ -234,3 +234,17 @@ def test_phased_consistency_target_of_the_exact_phase_maps():
         model = Denoiser.from_fn(exact_phase_map, "rectified_flow", "data")
         losses.append(float(loss(model, {"x": x}, torch.Generator().manual_seed(10)).mean()))
     assert losses[1] < losses[0] / 16, losses
+
+
+def test_perflow_target_is_the_straight_line_to_the_teachers_solution():
+    """On an exactly straight teacher flow (all mass at one point: x_t = (1 - t) m + t z, the
+    ODE solution from any x_t is m) the piecewise target is the teacher's own velocity, so the
+    exact teacher has zero loss up to its window solver's error on a straight path (none)."""
+    from tiltflow.fewstep.reflow import PiecewiseReflowLoss
+
+    m = torch.tensor([[1.5, -0.5]], dtype=F64)
+    point = analytic.GaussianMixture([1.0], m, 1e-12 * torch.eye(2, dtype=F64)[None])
+    teacher = point.denoiser("rectified_flow")
+    x = m.expand(16, 2)
+    loss = PiecewiseReflowLoss(teacher, windows=3, window_steps=2)
+    assert float(loss(teacher, {"x": x}, torch.Generator().manual_seed(11)).max()) < 1e-18

@@ -18,10 +18,12 @@ SMALL = {"batch_size": 128, "num_data": 1024, "lr": 1e-3, "warmup_steps": 10, "l
 STEPS = {"reflow": 150, "progressive_distillation": 100, "consistency_distillation": 100,
          "consistency_training": 150, "shortcut": 150, "meanflow": 150, "mmd": 300,
          "dmd": 150, "vsd": 150, "sid": 150, "easy_consistency_tuning": 150,
-         "stable_consistency_tuning": 150, "phased_consistency_distillation": 150}
+         "stable_consistency_tuning": 150, "phased_consistency_distillation": 150,
+         "perflow": 150}
 EXTRA = {"progressive_distillation": {"teacher_steps": 4}, "consistency_distillation":
          {"scales": 8}, "consistency_training": {"s0": 4, "s1": 16}, "mmd": {"nfe": 1},
          "phased_consistency_distillation": {"phases": 2, "scales": 8},
+         "perflow": {"windows": 2, "window_steps": 2},
          "dmd": {"regression_pairs": 256}}
 
 

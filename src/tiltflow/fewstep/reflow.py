@@ -12,6 +12,12 @@ train it at ``t = 1`` only, where the velocity loss is the squared error of the 
 endpoint ``z - v(z, 1)`` (the paper uses LPIPS on images; here the squared error), and the
 student samples in exactly one step.
 
+Piecewise rectified flow (``perflow``; Yan et al. 2024, "PeRFlow: Piecewise Rectified Flow as
+Universal Plug-and-Play Accelerator", sec. 3): the time axis splits into ``windows``; a data
+point noised to a window's start ``t_k`` is carried by the teacher's solver to its end
+``t_{k-1}``, and the student (a velocity model) learns the straight line between the two, so
+one Euler step per window follows the teacher (``nfe = windows``).
+
 Pairs are written in chunks (``pairs/chunk_00000.pt`` ...), each from its own seed, so pair
 generation resumes where it stopped and splits over ``accelerate`` processes (chunk ``i`` on
 process ``i mod P``).
@@ -107,3 +113,50 @@ def reflow(job) -> Student:
                       steps=cfg["one_step_steps"])
     job.point_to(student)
     return student
+
+
+class PiecewiseReflowLoss:
+    """PeRFlow's objective (module docstring of :func:`perflow`): in a random window
+    ``[t_{k-1}, t_k]``, the straight line from ``x_{t_k} = alpha x + sigma z`` to the teacher's
+    ODE solution ``x_{t_{k-1}}`` is the target path, its constant slope the target velocity."""
+
+    def __init__(self, teacher, windows: int = 4, solver: str = "heun", window_steps: int = 4):
+        self.teacher, self.solver = teacher, solver
+        self.edges = torch.linspace(1.0, 0.0, windows + 1, dtype=torch.float64)
+        # row k: the teacher's grid across window k (from edges[k] down to edges[k + 1])
+        self.grids = torch.stack([torch.linspace(float(self.edges[k]), float(self.edges[k + 1]),
+                                                 window_steps + 1, dtype=torch.float64)
+                                  for k in range(windows)])
+
+    def __call__(self, model, batch, generator=None) -> torch.Tensor:
+        from .base import rand, randn_like, teacher_steps
+
+        x, cond = batch["x"], batch.get("cond")
+        n, windows = x.shape[0], len(self.grids)
+        k = (rand(n, generator, "cpu") * windows).long().clamp(max=windows - 1)
+        t_start, t_end = self.edges[k].to(x.device), self.edges[k + 1].to(x.device)
+        x_start, _ = noisy(model, x, randn_like(x, generator), t_start)
+        x_end = teacher_steps(self.teacher, x_start, k, self.grids, self.solver, cond)
+        u = rand(n, generator, x.device)
+        t = t_end + u * (t_start - t_end)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        frac = ((t_start - t) / (t_start - t_end)).to(x.dtype).reshape(shape)
+        x_t = x_start + frac * (x_end - x_start)
+        target = (x_end - x_start) / (t_end - t_start).to(x.dtype).reshape(shape)
+        return per_example((model(x_t, t, cond).velocity - target) ** 2)
+
+    def config(self) -> dict:
+        return {"name": "perflow", "windows": len(self.grids), "solver": self.solver}
+
+
+@register("perflow", needs_data=True, defaults={"windows": 4, "window_solver": "heun",
+                                                "window_steps": 4, "lr": 1e-4})
+def perflow(job) -> Student:
+    """Piecewise rectified flow: straighten the teacher's flow window by window (Yan et al.)."""
+    cfg = job.config
+    loss = PiecewiseReflowLoss(job.teacher, cfg["windows"], cfg["window_solver"],
+                               cfg["window_steps"])
+    model = make_student(job, prediction="velocity", precondition=False)
+    student = Student(model, "perflow", "solver", (cfg["windows"], cfg["windows"]),
+                      {"solver": "euler", "grid": loss.edges.tolist()})
+    return fit(job, student, loss, job.teacher_data())
