@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "analytic", "objectives", "solvers", "metrics", "data", "nets", "train", "checkpoint",
-    "config", "cli", "report", "rewards", "demo", "plots", "fewstep",
+    "config", "cli", "report", "rewards", "demo", "plots", "fewstep", "integrations",
 }
 
 

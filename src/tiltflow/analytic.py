@@ -245,13 +245,30 @@ class GaussianMixture:
         c = lam[None] * (s * s)[:, None, None] / d
         return r, m, c, log_joint
 
-    def posterior_mean(self, x_t: torch.Tensor, t, schedule: Schedule) -> torch.Tensor:
+    def posterior_mean(self, x_t: torch.Tensor, t, schedule: Schedule,
+                       labels: torch.Tensor | None = None) -> torch.Tensor:
         """Exact ``E[x | x_t]`` ``[B, D]`` for per-example ``t [B]`` (Tweedie / Bayes-optimal
         denoiser), differentiable in ``x_t``; computed in float64, returned in x_t's dtype.
-        Equals ``x_t / alpha`` at ``sigma = 0`` and the mixture mean at ``alpha = 0``."""
+        Equals ``x_t / alpha`` at ``sigma = 0`` and the mixture mean at ``alpha = 0``.
+
+        ``labels`` (``LongTensor[B]``, ``-1`` = none) condition on the component: ``E[x | x_t,
+        k]``, the mixture seen as a class-conditional model whose classes are its components."""
         x, a, s = self._coeffs(x_t, t, schedule)
         r, m, _, _ = self._posterior_parts(x, a, s)
+        if labels is not None:
+            r = self._given(r, labels)
         return (r[..., None] * m).sum(1).to(x_t.dtype)
+
+    def _given(self, r: torch.Tensor, labels) -> torch.Tensor:
+        """Responsibilities with the labelled rows replaced by their component's one-hot."""
+        if not torch.is_tensor(labels) or labels.is_floating_point() or labels.shape != r.shape[:1]:
+            raise ValueError(f"labels must be a LongTensor[{r.shape[0]}] of components (-1: none)")
+        if bool(((labels < -1) | (labels >= self.num_components)).any()):
+            raise ValueError(f"labels must be in [-1, {self.num_components}), got "
+                             f"{labels.min().item()}..{labels.max().item()}")
+        labels = labels.to(r.device)
+        one_hot = torch.nn.functional.one_hot(labels.clamp(min=0), self.num_components).to(r)
+        return torch.where(labels[:, None] >= 0, one_hot, r)
 
     def posterior_cov(self, x_t: torch.Tensor, t, schedule: Schedule) -> torch.Tensor:
         """Exact ``Cov[x | x_t]`` ``[B, D, D]`` (law of total covariance over components)."""
@@ -277,13 +294,16 @@ class GaussianMixture:
         covs = torch.einsum("kde,ke,kfe->kdf", U, c[0], U)
         return GaussianMixture(r[0], m[0], _sym(covs), normalize=True)
 
-    def denoiser(self, schedule: Schedule) -> Denoiser:
+    def denoiser(self, schedule: Schedule, conditional: bool = False) -> Denoiser:
         """The exact denoiser under ``schedule``: ``Denoiser.from_fn(E[x | x_t], schedule,
-        prediction="data")``. ``cond`` is accepted and ignored (the mixture is unconditional)."""
+        prediction="data")``. Unconditional by default (``cond`` is accepted and ignored);
+        ``conditional=True`` makes ``cond`` the component label (``-1`` or ``None``: the whole
+        mixture), an exact class-conditional model for guidance (``sample(n,
+        return_labels=True)`` draws matching labels)."""
         schedule = get_schedule(schedule)
 
         def exact_posterior_mean(x_t, t, cond=None):
-            return self.posterior_mean(x_t, t, schedule)
+            return self.posterior_mean(x_t, t, schedule, cond if conditional else None)
 
         den = Denoiser.from_fn(exact_posterior_mean, schedule, prediction="data")
         den.data_shape = (self.dim,)  # what a method drawing samples from it needs to know

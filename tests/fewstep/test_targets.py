@@ -248,3 +248,23 @@ def test_perflow_target_is_the_straight_line_to_the_teachers_solution():
     x = m.expand(16, 2)
     loss = PiecewiseReflowLoss(teacher, windows=3, window_steps=2)
     assert float(loss(teacher, {"x": x}, torch.Generator().manual_seed(11)).max()) < 1e-18
+
+
+def test_lcm_teacher_step_is_the_guided_solver_step():
+    """For DDIM (linear in the model output) LCM's (1 + w) Psi(c) - w Psi(null) is exactly one
+    DDIM step of the classifier-free guided teacher (tiltflow's guidance=w)."""
+    from tiltflow.fewstep.student import GuidanceEmbedded
+
+    mixture = analytic.eight_gaussians()
+    teacher = mixture.denoiser("rectified_flow", conditional=True)
+    model = GuidanceEmbedded(lambda x, t, cond=None: x, "rectified_flow", "data")
+    loss = ConsistencyLoss(None, teacher=teacher, solver="ddim", scales=6, guidance=(1.5, 1.5))
+    grid = loss.grid(teacher.schedule)
+    i = torch.tensor([0, 2, 3, 5])
+    x_hi = 3 * torch.randn(4, 2, generator=torch.Generator().manual_seed(12), dtype=F64)
+    cond = torch.tensor([0, 3, 5, 7])
+    got = loss._guided_teacher_step(model, x_hi, (i, grid), cond, None)
+    expect = torch.cat([solvers.solve(teacher, x_hi[b:b + 1], grid[i[b]:i[b] + 2], "ddim",
+                                      cond=cond[b:b + 1], guidance=1.5) for b in range(4)])
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-12)
+    assert float(model.guidance.min()) == 1.5  # the student reads the same w

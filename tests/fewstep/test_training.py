@@ -118,3 +118,31 @@ def test_bad_input_is_one_clear_error(tmp_path):
                         config={"teacher_steps": 6})
     with pytest.raises(UserError, match="not a few-step student|no checkpoint|does not exist"):
         fewstep.load(tmp_path)
+
+
+def test_latent_consistency_distillation_learns_the_conditional_at_w_0():
+    """Distilled from the exact class-conditional mixture (classes = components) with w in
+    [0, 2], the student at w = 0 samples the class's Gaussian: 1-step sliced W2 to exact
+    samples of the class must halve from the start."""
+    teacher = MIXTURE.denoiser("rectified_flow", conditional=True)
+    x, labels = MIXTURE.sample(2048, generator=torch.Generator().manual_seed(5),
+                               return_labels=True)
+    cfg = {**SMALL, "scales": 8, "w_min": 0.0, "w_max": 2.0}
+    data = {"x": x.float(), "cond": labels}
+    cond = torch.full((500,), 2)
+    exact = MIXTURE.sample(20000, generator=torch.Generator().manual_seed(6),
+                           return_labels=True)
+    ref = exact[0][exact[1] == 2][:500]
+
+    def sw2(student):
+        noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(7))
+        out = fewstep.sample(student, noise, 1, cond=cond, guidance=0.0)
+        return metrics.sliced_w2(out.double(), ref, generator=torch.Generator().manual_seed(8))
+
+    start = sw2(fewstep.distill("latent_consistency_distillation", teacher, data=data,
+                                config={**cfg, "steps": 1}))
+    trained = sw2(fewstep.distill("latent_consistency_distillation", teacher, data=data,
+                                  config={**cfg, "steps": 200}))
+    assert trained < start / 2, (start, trained)
+    with pytest.raises(UserError, match="no guidance input"):
+        fewstep.sample(_distill("reflow", 1), torch.randn(2, 2), 1, guidance=1.0)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..denoiser import Denoiser
 from ..errors import UserError
-from .student import FlowMap, Student
+from .student import FlowMap, GuidanceEmbedded, Student
 
 __all__ = ["register", "methods", "get_method", "distill", "load", "Job", "Method", "COMMON"]
 
@@ -218,8 +218,9 @@ def _fresh_spec(shape, num_classes: int) -> dict:
     return {"name": "unet", "in_channels": shape[0], "num_classes": num_classes}
 
 
-def make_student(job: Job, *, flow_map: bool = False, prediction: str | None = None,
-                 precondition: bool | None = None, schedule=None) -> Denoiser:
+def make_student(job: Job, *, flow_map: bool = False, guided: bool = False,
+                 prediction: str | None = None, precondition: bool | None = None,
+                 schedule=None) -> Denoiser:
     """The student network: the config's ``model`` spec, else the teacher's architecture, else
     a default network for the data shape. It starts from the teacher's weights when ``init`` is
     "teacher", or "auto" and the student predicts what the teacher predicts (a flow map's extra
@@ -231,7 +232,8 @@ def make_student(job: Job, *, flow_map: bool = False, prediction: str | None = N
     teacher_net = teacher.net if isinstance(teacher.net, nn.Module) else None
     teacher_spec = getattr(teacher_net, "config", None)
     spec = dict(cfg["model"] or teacher_spec or _fresh_spec(job.shape, job.num_classes))
-    if flow_map:
+    spec.setdefault("num_classes", job.num_classes)
+    if flow_map or guided:  # the second input: a step size, or a guidance scale
         spec["num_times"] = 2
     schedule = schedule or teacher.schedule
     with torch.random.fork_rng(devices=[]):  # the same seed, the same initial student
@@ -246,8 +248,9 @@ def make_student(job: Job, *, flow_map: bool = False, prediction: str | None = N
         # the data's standard deviation (Karras et al. 2022, sec. 5)
         sigma_data = (teacher.sigma_data if teacher.precondition or not precondition
                       else float(job.teacher_data()["x"].std()))
-        student = Denoiser(net, schedule, prediction, precondition=precondition,
-                           sigma_data=sigma_data)
+        cls = GuidanceEmbedded if guided else Denoiser
+        student = cls(net, schedule, prediction, precondition=precondition,
+                      sigma_data=sigma_data)
     same_kind = (student.prediction == teacher.prediction
                  and student.precondition == teacher.precondition)
     wants = cfg["init"] == "teacher" or (cfg["init"] == "auto" and same_kind)
@@ -356,12 +359,13 @@ def load(path, use_ema: bool = True) -> Student:
                         "its run config); train one with `tiltflow distill`")
     den_cfg = ckpt.config.get("denoiser") or {}
     net = nets.build(dict(ckpt.config.get("model") or {}))
-    if desc["flow_map"]:
+    if desc["model"] == "flow_map":
         model = FlowMap(net, den_cfg["schedule"])
     else:
-        model = Denoiser(net, den_cfg["schedule"], den_cfg["prediction"],
-                         precondition=den_cfg.get("precondition", False),
-                         sigma_data=den_cfg.get("sigma_data") or 0.5)
+        cls = GuidanceEmbedded if desc["model"] == "guidance_embedded" else Denoiser
+        model = cls(net, den_cfg["schedule"], den_cfg["prediction"],
+                    precondition=den_cfg.get("precondition", False),
+                    sigma_data=den_cfg.get("sigma_data") or 0.5)
     state = ckpt.ema if (use_ema and ckpt.ema is not None) else ckpt.model
     try:
         model.net.load_state_dict(state)

@@ -23,6 +23,11 @@ eq. 5, mapped through the model's schedule) and minimize
   noise levels ``s = sigma / alpha``; weight ``1 / (s_{i+1} - s_i)``; and the step-count
   curriculum ``N(k) = min(s0 2^floor(k / K'), s1)``, ``K' = floor(K / (log2(s1 / s0) + 1))``.
 
+- **Latent consistency distillation** (``latent_consistency_distillation``, Luo et al. 2023,
+  "Latent Consistency Models", Algorithm 1 on tiltflow's data space): consistency distillation
+  whose teacher step is the classifier-free guided one, ``(1 + w) Psi(x, c) - w Psi(x, null)``
+  with ``w ~ U[w_min, w_max]`` per example, and a student that takes ``w`` as an input
+  (:class:`~.student.GuidanceEmbedded`), so one student samples at any guidance scale.
 - **Phased consistency distillation** (``phased_consistency_distillation``, Wang et al. 2024,
   "Phased Consistency Models", Algorithm 1 without its optional adversarial term): the time
   axis splits into ``phases`` sub-trajectories at edge times ``s_m``; within a phase the
@@ -46,9 +51,10 @@ import math
 
 import torch
 
+from ..errors import UserError
 from ..solvers.grids import _level, karras
 from ..train import ema_update
-from .base import fit, frozen, make_student, noisy, randn_like, register, teacher_steps
+from .base import fit, frozen, make_student, noisy, rand, randn_like, register, teacher_steps
 from .student import Student
 
 __all__ = ["ConsistencyLoss", "pseudo_huber", "ict_scales", "lognormal_index_probs"]
@@ -88,7 +94,7 @@ class ConsistencyLoss:
                  index_sampling: str = "uniform", weighting: str = "uniform",
                  p_mean: float = -1.1, p_std: float = 2.0, level_min: float = 2e-3,
                  level_max: float = 80.0, pairs: str = "grid", estimate: str = "sample",
-                 phases: int = 1):
+                 phases: int = 1, guidance: tuple[float, float] | None = None):
         if distance not in ("l2", "pseudo_huber"):
             raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {distance!r}")
         if index_sampling not in ("uniform", "lognormal"):
@@ -109,6 +115,7 @@ class ConsistencyLoss:
         self.p_mean, self.p_std = float(p_mean), float(p_std)
         self.level_min, self.level_max = float(level_min), float(level_max)
         self.pairs, self.estimate, self.phases = pairs, estimate, int(phases)
+        self.guidance = guidance
         if self.phases > 1 and (self.scales % self.phases or pairs != "grid" or curriculum):
             raise ValueError(f"phased consistency needs a fixed grid whose steps ({scales}) "
                              f"are a multiple of the phases ({phases})")
@@ -172,7 +179,9 @@ class ConsistencyLoss:
         t_hi, t_lo = t_hi.to(x.device), t_lo.to(x.device)
         z = randn_like(x, generator)
         x_hi, c_hi = noisy(model, x, z, t_hi)
-        if self.teacher is not None:
+        if self.teacher is not None and self.guidance is not None:
+            x_lo = self._guided_teacher_step(model, x_hi, where, cond, generator)
+        elif self.teacher is not None:
             i, grid = where
             x_lo = teacher_steps(self.teacher, x_hi, i, torch.stack([grid[:-1], grid[1:]], 1),
                                  self.solver, cond)
@@ -199,6 +208,24 @@ class ConsistencyLoss:
         if self.weighting == "inverse_gap":
             loss = loss / gap.to(loss)
         return loss
+
+    def _guided_teacher_step(self, model, x_hi, where, cond, generator):
+        """LCM's CFG-augmented teacher step ``(1 + w) Psi(c) - w Psi(null)`` with ``w ~
+        U[w_min, w_max]`` per example; the student and its target read the same ``w``."""
+        if cond is None:
+            raise ValueError("latent consistency distillation needs labelled data (cond) and a "
+                             "class-conditional teacher")
+        i, grid = where
+        steps = torch.stack([grid[:-1], grid[1:]], 1)
+        lo, hi = self.guidance
+        w = lo + (hi - lo) * rand(x_hi.shape[0], generator, x_hi.device)
+        model.at(w)
+        if self.mu > 0:
+            self.target.at(w)
+        with_c = teacher_steps(self.teacher, x_hi, i, steps, self.solver, cond)
+        without = teacher_steps(self.teacher, x_hi, i, steps, self.solver, torch.full_like(cond, -1))
+        w = w.to(x_hi.dtype).reshape((-1,) + (1,) * (x_hi.dim() - 1))
+        return (1 + w) * with_c - w * without
 
     def config(self) -> dict:
         return {"name": "consistency", "distillation": self.teacher is not None,
@@ -234,20 +261,19 @@ def batch_posterior_mean(x_t, c, x, cond=None) -> torch.Tensor:
 
 def _consistency_fn(model, x_t, t, cond, s=None):
     """``f(x_t, t)``: the model's data prediction, and the boundary value ``x_t`` itself at
-    t = 0 (where EDM preconditioning's ``log sigma`` is not defined). With phase edges ``s``
-    (PCM) the DDIM jump to ``s``: ``alpha_s x_hat + sigma_s eps_hat``, and ``x_t`` where
-    ``t = s``."""
+    t = 0. With phase edges ``s`` (PCM) the DDIM jump to ``s``: ``alpha_s x_hat + sigma_s
+    eps_hat``, and ``x_t`` where ``t = s``. The whole batch is evaluated (rows at their
+    boundary at a harmless time, EDM preconditioning's ``log sigma`` being undefined at t = 0)
+    so per-example inputs such as LCM's guidance scale stay aligned."""
     s = torch.zeros_like(t) if s is None else s
-    out = x_t.clone()
-    rows = (t > s).nonzero().flatten()
-    c = cond[rows] if cond is not None else None
-    pred = model(x_t[rows], t[rows], c)
-    if not bool((s > 0).any()):
-        out[rows] = pred.data
-        return out
-    c_s = model.schedule(s[rows]).expand(x_t)
-    out[rows] = c_s.alpha * pred.x_hat + c_s.sigma * pred.eps_hat
-    return out
+    inside = t > s
+    pred = model(x_t, torch.where(inside, t, torch.full_like(t, 0.5)), cond)
+    if bool((s > 0).any()):
+        c_s = model.schedule(s).expand(x_t)
+        value = c_s.alpha * pred.x_hat + c_s.sigma * pred.eps_hat
+    else:
+        value = pred.data
+    return torch.where(inside.reshape((-1,) + (1,) * (x_t.dim() - 1)), value, x_t)
 
 
 def top_time(schedule, level_max: float) -> float:
@@ -262,13 +288,14 @@ def _cpu(generator):
     return generator if generator is None or generator.device.type == "cpu" else None
 
 
-def consistency_student(job) -> torch.nn.Module:
+def consistency_student(job, guided: bool = False) -> torch.nn.Module:
     """The student: the teacher's parameterization when it satisfies the boundary condition,
-    else EDM-preconditioned data prediction (whose ``c_skip(0) = 1`` does)."""
+    else EDM-preconditioned data prediction (whose ``c_skip(0) = 1`` does). ``guided``: with a
+    guidance-scale input (LCM)."""
     t = job.teacher
     if t.prediction == "data" and not t.precondition:
-        return make_student(job, prediction="data", precondition=True)
-    return make_student(job)
+        return make_student(job, prediction="data", precondition=True, guided=guided)
+    return make_student(job, guided=guided)
 
 
 def _student(job, model) -> Student:
@@ -352,4 +379,24 @@ def phased_consistency_distillation(job) -> Student:
     edges = loss.edges(model.schedule).tolist()
     student = Student(model, job.method.name, "solver", (cfg["phases"], cfg["phases"]),
                       {"solver": "ddim", "grid": edges})
+    return fit(job, student, loss, job.teacher_data())
+
+
+@register("latent_consistency_distillation", defaults={
+    **_SHARED, "scales": 18, "solver": "ddim", "target_ema": 0.95, "distance": "l2",
+    "w_min": 0.0, "w_max": 4.0, "guidance": 2.0, "lr": 1e-4})
+def latent_consistency_distillation(job) -> Student:
+    """Latent-consistency-style guided distillation: CFG teacher ODE, w-conditioned student."""
+    cfg = job.config
+    if not job.num_classes:
+        raise UserError("latent_consistency_distillation needs a class-conditional teacher and "
+                        "labels (give data with cond, or config num_classes)")
+    model = consistency_student(job, guided=True)
+    loss = ConsistencyLoss(frozen(model), teacher=job.teacher, solver=cfg["solver"],
+                           scales=cfg["scales"], target_ema=cfg["target_ema"],
+                           distance=cfg["distance"], huber_c=cfg["huber_c"],
+                           level_min=cfg["level_min"], level_max=cfg["level_max"],
+                           total_steps=cfg["steps"], guidance=(cfg["w_min"], cfg["w_max"]))
+    student = _student(job, model)
+    student.options["guidance"] = cfg["guidance"]
     return fit(job, student, loss, job.teacher_data())

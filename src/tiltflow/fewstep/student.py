@@ -20,7 +20,7 @@ import torch
 from ..denoiser import Denoiser, as_time
 from ..errors import UserError
 
-__all__ = ["FlowMap", "Student", "sample", "SAMPLERS"]
+__all__ = ["FlowMap", "GuidanceEmbedded", "Student", "sample", "SAMPLERS"]
 
 
 class FlowMap(Denoiser):
@@ -59,6 +59,32 @@ class FlowMap(Denoiser):
         return x_t + step * self.average_velocity(x_t, t, s, cond)
 
 
+class GuidanceEmbedded(Denoiser):
+    """A denoiser whose network also takes a classifier-free guidance scale ``w`` as a second
+    input (``num_times=2``): the w-conditioned student of latent consistency distillation
+    (Luo et al. 2023, sec. 4.2), which learns the guided teacher for a whole range of ``w``.
+    ``guidance`` is the scale used when it is called: a float, or a ``[B]`` tensor while
+    training (:meth:`at`)."""
+
+    def __init__(self, net, schedule, prediction="noise", *, guidance=0.0, **kwargs):
+        super().__init__(net, schedule, prediction, **kwargs)
+        self.guidance = guidance
+
+    def _call_net(self, x, t, cond):
+        w = torch.as_tensor(self.guidance, dtype=t.dtype, device=t.device).expand(t.shape)
+        return super()._call_net(x, torch.stack([t, w], dim=1), cond)
+
+    def at(self, w) -> GuidanceEmbedded:
+        """Set the guidance scale (float or ``[B]``); returns ``self``."""
+        self.guidance = w
+        return self
+
+
+def model_class(model) -> str:
+    return ("flow_map" if isinstance(model, FlowMap) else
+            "guidance_embedded" if isinstance(model, GuidanceEmbedded) else "denoiser")
+
+
 @dataclass
 class Student:
     """What :func:`tiltflow.fewstep.distill` returns. ``nfe = (lo, hi)``: the network-evaluation
@@ -82,7 +108,7 @@ class Student:
     def describe(self) -> dict:
         """The JSON-able part, stored in the run directory so :func:`load` can rebuild it."""
         return {"method": self.method, "sampler": self.sampler, "nfe": list(self.nfe),
-                "options": self.options, "flow_map": isinstance(self.model, FlowMap)}
+                "options": self.options, "model": model_class(self.model)}
 
 
 # -- samplers ----------------------------------------------------------------------------------
@@ -134,14 +160,23 @@ SAMPLERS = {"solver": _solver_sampler, "consistency": _consistency_sampler,
 
 
 def sample(student: Student, noise: torch.Tensor, nfe: int, cond=None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, guidance: float | None = None
+           ) -> torch.Tensor:
     """Samples of ``student`` from standard-normal ``noise`` in exactly ``nfe`` network
-    evaluations, with the sampler its method trained it for (no gradient)."""
+    evaluations, with the sampler its method trained it for (no gradient). ``guidance``: the
+    CFG scale of a w-conditioned student (latent consistency distillation; default: the
+    scale it was distilled for), an error for the others."""
     if not isinstance(student, Student):
         raise TypeError(f"student must be a tiltflow.fewstep.Student, got {type(student).__name__}")
     if not torch.is_tensor(noise) or not noise.is_floating_point() or noise.dim() < 2:
         raise ValueError("noise must be a float tensor of shape [B, ...] (batch first)")
     nfe = student.check_nfe(nfe)
+    if isinstance(student.model, GuidanceEmbedded):
+        student.model.at(float(student.options.get("guidance", 0.0) if guidance is None
+                               else guidance))
+    elif guidance is not None:
+        raise UserError(f"a {student.method} student has no guidance input; guidance is fixed "
+                        "at training time for it")
     student.model.eval()
     with torch.no_grad():
         return SAMPLERS[student.sampler](student, noise, nfe, cond, generator)
