@@ -141,6 +141,7 @@ def run(quick: bool = False) -> dict:
                                            "cost_per_step_vs_fm": round(
                                                seconds / total_steps / fm_step, 2)}})
             print(f"{bed} {label}: {seconds:.0f} s", file=sys.stderr, flush=True)
+    rows += _guided_rows(common)
     notes.append("distillation methods (reflow, progressive, consistency distillation) train on "
                  "8,192 teacher samples (Heun, 63 NFE), counted in their training time; the data "
                  "methods on 8,192 exact samples")
@@ -152,6 +153,57 @@ def run(quick: bool = False) -> dict:
     _plot(res)
     bench.write_results(res, _markdown(res))
     return res
+
+
+GUIDED_BED = "eight_gaussians_classes"
+GUIDANCE = (0.0, 2.0)
+
+
+def _guided_rows(common: dict) -> list:
+    """Latent consistency distillation on the exact class-conditional eight Gaussians (classes
+    = components), w ~ U[0, 4]: at each guidance scale the target is the guided teacher's ODE
+    solution (tight dopri5 from other noises; at w = 0 the exact class-conditional law)."""
+    mixture = analytic.eight_gaussians()
+    teacher = mixture.denoiser("rectified_flow", conditional=True)
+    x, labels = mixture.sample(8192, generator=torch.Generator().manual_seed(3),
+                               return_labels=True)
+    labels_eval = torch.arange(N_SAMPLES) % mixture.num_components
+    noise = torch.randn(N_SAMPLES, 2, generator=torch.Generator().manual_seed(2))
+    ref_noise = torch.randn(N_SAMPLES, 2, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(5))
+    floor = metrics.noise_floor("sw2", mixture.sample, N_SAMPLES).mean
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        student = fewstep.distill("latent_consistency_distillation", teacher,
+                                  data={"x": x.float(), "cond": labels},
+                                  config={**common, "w_min": 0.0, "w_max": 4.0}, out_dir=tmp)
+    seconds = time.perf_counter() - t0
+    rows = []
+    for w in GUIDANCE:
+        ref = solvers.reference_solve(teacher, ref_noise, cond=labels_eval,
+                                      guidance=w or None)
+        for nfe in NFES:
+            best = None
+            for name in TEACHER_SOLVERS:
+                try:
+                    out = solvers.sample(teacher, noise.double(), name, nfe=nfe,
+                                         cond=labels_eval, guidance=w or None)
+                except ValueError:
+                    continue
+                value = _sw2(out, ref)
+                best = min(best or (value, name), (value, name))
+            extra = {"guidance": w}
+            rows.append({"bed": GUIDED_BED, "method": f"teacher ({best[1]})", "role": "teacher",
+                         "nfe": nfe, "metric": "sw2", "value": best[0], "floor": floor,
+                         "extra": extra})
+            out = fewstep.sample(student, noise, nfe, cond=labels_eval, guidance=w,
+                                 generator=torch.Generator().manual_seed(4))
+            rows.append({"bed": GUIDED_BED, "method": "latent_consistency_distillation",
+                         "role": "ours", "nfe": nfe, "metric": "sw2", "value": _sw2(out, ref),
+                         "floor": floor, "extra": {**extra, "train_seconds": round(seconds, 1)}})
+    print(f"{GUIDED_BED} latent_consistency_distillation: {seconds:.0f} s", file=sys.stderr,
+          flush=True)
+    return rows
 
 
 def _plot(res: dict) -> None:
@@ -188,6 +240,8 @@ def _markdown(res: dict) -> str:
              "flow-matching step of the same network.", ""]
     for bed in BEDS:
         rows = [r for r in res["rows"] if r["bed"] == bed]
+        if not rows:
+            continue
         teacher = {r["nfe"]: r for r in rows if r["role"] == "teacher"}
         lines += [f"## {bed} (noise floor {rows[0]['floor']:.3f}; teacher at 31 NFE: "
                   f"{teacher[31]['value']:.3f})", "",
@@ -205,6 +259,24 @@ def _markdown(res: dict) -> str:
                 + " | ".join(f"{teacher[n]['value'] / own[n]['value']:.1f}" if n in own else "-"
                              for n in (1, 2))
                 + f" | {e['train_seconds']} | {e['cost_per_step_vs_fm']} |")
+        lines.append("")
+    guided = [r for r in res["rows"] if r["bed"] == GUIDED_BED]
+    if guided:
+        lines += [f"## {GUIDED_BED}: latent consistency distillation at guidance w", "",
+                  "One w-conditioned student (w ~ U[0, 4] in training) against the guided "
+                  "teacher's tight ODE solution at the same w (at w = 0: the exact "
+                  "class-conditional law). Floor "
+                  f"{guided[0]['floor']:.3f}.", "",
+                  "| w | who | SW2 @1 | SW2 @2 | SW2 @4 |", "| --- | --- | --- | --- | --- |"]
+        for w in GUIDANCE:
+            for role in ("teacher", "ours"):
+                cells = {r["nfe"]: r for r in guided
+                         if r["role"] == role and r["extra"]["guidance"] == w}
+                who = "teacher, best solver" if role == "teacher" else "LCM student"
+                lines.append(f"| {w} | {who} | " + " | ".join(
+                    f"{cells[n]['value']:.3f}" + (f" ({cells[n]['method'][9:-1]})"
+                                                  if role == "teacher" else "")
+                    for n in NFES) + " |")
         lines.append("")
     lines += ["![quality vs NFE](fewstep_quality_vs_nfe.png)", "",
               "Notes: " + "; ".join(res["notes"]), ""]
