@@ -134,7 +134,8 @@ class Job:
         x = teacher_solve(self.teacher, noise, cond, cfg)
         data = {"x": x, "cond": cond}
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(data, path)
+        torch.save(data, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)  # whole or not at all, for a resumed run
         return data
 
     def train_config(self, out_dir: Path | None = None, **overrides) -> dict:
