@@ -125,8 +125,11 @@ class MeanFlowLoss:
 
         if self.jvp != "finite_difference":
             try:
-                u, dudt = torch.func.jvp(u_of, (z_t, t), (v, torch.ones_like(t)))
-                return u, dudt.detach()
+                # The tangent needs no gradient: taken without one, the backward pass holds only
+                # the plain forward's activations (one JVP + one forward, not a JVP with grad)
+                with torch.no_grad():
+                    _, dudt = torch.func.jvp(u_of, (z_t, t), (v, torch.ones_like(t)))
+                return u_of(z_t, t), dudt
             except (RuntimeError, NotImplementedError):
                 if self.jvp == "func":
                     raise
