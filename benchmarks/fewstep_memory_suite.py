@@ -4,9 +4,9 @@ as a ratio to one flow-matching step of the same network and batch.
 Measured as the peak of the bytes autograd holds for backward passes during one training step
 (tensors saved through ``torch.autograd.graph.saved_tensors_hooks``, each storage once, released
 when their graph is freed): the activation memory that grows with batch and network size, on
-any device and deterministic on a CPU. Parameters, optimizer state and the teacher's no-grad evaluations are not in it (a second
-network — a fake score, an EMA target — is listed in ``extra``). Teacher: the exact
-eight-Gaussians denoiser; network: MLP 128 x 3; batch 256.
+any device and deterministic on a CPU. Parameters, optimizer state and the teacher's no-grad
+evaluations are not in it (a second network — a fake score, an EMA target — is listed in
+``extra``). Teacher: the exact eight-Gaussians denoiser; network: MLP 128 x 3; batch 256.
 
     python benchmarks/fewstep_memory_suite.py [--quick]      # or: tiltflow bench fewstep_memory
 """
