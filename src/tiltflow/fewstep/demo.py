@@ -81,6 +81,7 @@ def fewstep_part(out: Path, report: Report, quick: bool) -> None:
             ax.set_aspect("equal")
     fig.suptitle("few-step students of the exact eight-Gaussians teacher (gray: exact samples)",
                  fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     save_figure(fig, out / "fewstep_samples.png")
 
     sec = report.section(
