@@ -141,20 +141,32 @@ class RectifiedFlow(Schedule):
 
 
 class Cosine(Schedule):
-    """Variance-preserving cosine schedule ``alpha = cos(pi t / 2)`` (Nichol & Dhariwal 2021,
-    without the offset)."""
+    """Cosine schedule ``alpha = cos(pi t / 2)``, ``sigma = sigma_data sin(pi t / 2)``: variance
+    preserving for ``sigma_data = 1`` (Nichol & Dhariwal 2021, without the offset); for data of
+    standard deviation ``sigma_data`` it is TrigFlow (Lu & Song 2024, sec. 3: ``x_s = cos(s) x +
+    sin(s) z``, ``z ~ N(0, sigma_data^2 I)``, ``s = pi t / 2``)."""
 
     name = "cosine"
 
+    def __init__(self, sigma_data: float = 1.0):
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        self.sigma_data = float(sigma_data)
+
     def coefficients(self, t):
         cos, sin = torch.cos(math.pi / 2 * t), torch.sin(math.pi / 2 * t)
-        return Coeffs(cos, sin, -math.pi / 2 * sin, math.pi / 2 * cos)
+        sd = self.sigma_data
+        return Coeffs(cos, sd * sin, -math.pi / 2 * sin, math.pi / 2 * sd * cos)
 
     def logsnr(self, t):
-        return -2 * torch.log(torch.tan(math.pi / 2 * _as_tensor(t)))
+        return -2 * torch.log(self.sigma_data * torch.tan(math.pi / 2 * _as_tensor(t)))
 
     def t_from_logsnr(self, lam):
-        return 2 / math.pi * torch.atan(torch.exp(-_as_tensor(lam) / 2))
+        return 2 / math.pi * torch.atan(torch.exp(-_as_tensor(lam) / 2) / self.sigma_data)
+
+    def config(self) -> dict:
+        return {"name": self.name} if self.sigma_data == 1.0 else \
+            {"name": self.name, "sigma_data": self.sigma_data}
 
 
 class VPLinear(Schedule):
@@ -338,13 +350,14 @@ _SCHEDULES = {cls.name: cls for cls in (RectifiedFlow, Cosine, VPLinear, VPDiscr
 def examples() -> dict[str, Schedule]:
     """One default instance of every built-in schedule, by name (what tests and benchmarks
     sweep to check a method on every schedule)."""
-    return {"rectified_flow": RectifiedFlow(), "cosine": Cosine(), "vp_linear": VPLinear(),
+    return {"rectified_flow": RectifiedFlow(), "cosine": Cosine(), "trigflow": Cosine(0.5),
+            "vp_linear": VPLinear(),
             "vp_discrete_linear": VPDiscrete.linear(),
             "vp_discrete_scaled_linear": VPDiscrete.scaled_linear(), "ve": VE(), "edm": EDM()}
 
 
 def available() -> list[str]:
-    return sorted(_SCHEDULES) + ["vp_discrete_linear", "vp_discrete_scaled_linear"]
+    return sorted(_SCHEDULES) + ["trigflow", "vp_discrete_linear", "vp_discrete_scaled_linear"]
 
 
 def get_schedule(spec) -> Schedule:
@@ -355,6 +368,8 @@ def get_schedule(spec) -> Schedule:
         spec = {"name": spec}
     spec = dict(spec)
     name = spec.pop("name", None)
+    if name == "trigflow":  # the cosine schedule for data of std sigma_data (default 0.5)
+        return Cosine(**{"sigma_data": 0.5, **spec})
     if name == "vp_discrete_linear":
         return VPDiscrete.linear(**spec)
     if name == "vp_discrete_scaled_linear":

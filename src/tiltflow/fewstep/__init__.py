@@ -13,7 +13,7 @@ which isolates each method's own error. ``tiltflow distill`` is the same from th
 
 from __future__ import annotations
 
-from . import consistency, flowmaps, mmd, progressive, reflow, score  # noqa: F401  (registers)
+from . import consistency, flowmaps, mmd, progressive, reflow, scm, score  # noqa: F401
 from .base import COMMON, distill, get_method, is_student, load, methods, register
 from .student import FlowMap, Student, sample
 

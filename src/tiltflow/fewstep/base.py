@@ -224,7 +224,8 @@ def make_student(job: Job, *, flow_map: bool = False, guided: bool = False,
                  schedule=None) -> Denoiser:
     """The student network: the config's ``model`` spec, else the teacher's architecture, else
     a default network for the data shape. It starts from the teacher's weights when ``init`` is
-    "teacher", or "auto" and the student predicts what the teacher predicts (a flow map's extra
+    "teacher", or "auto" and the student predicts what the teacher predicts under the same
+    schedule (a flow map's extra
     time embedding starts at zero, so it starts as the teacher at every step size).
     ``prediction`` / ``precondition`` / ``schedule`` default to the teacher's."""
     from .. import nets
@@ -253,7 +254,8 @@ def make_student(job: Job, *, flow_map: bool = False, guided: bool = False,
         student = cls(net, schedule, prediction, precondition=precondition,
                       sigma_data=sigma_data)
     same_kind = (student.prediction == teacher.prediction
-                 and student.precondition == teacher.precondition)
+                 and student.precondition == teacher.precondition
+                 and student.schedule.config() == teacher.schedule.config())
     wants = cfg["init"] == "teacher" or (cfg["init"] == "auto" and same_kind)
     if wants and teacher_spec is not None and cfg["model"] is None:
         _copy_weights(teacher_net, student.net)
