@@ -44,16 +44,8 @@ def test_registry_lists_every_method():
     assert set(STEPS) <= set(fewstep.methods())
 
 
-# sCM from a fresh network (the exact teacher has no weights to start from) improves its
-# 1-step samples only ~1.5x in this budget (2.5 -> 1.6-1.9, not monotone in the steps): a known
-# shortfall reported in issue 7 and benchmarks/results/fewstep.md, not hidden by a looser bar.
-KNOWN_SHORT = {"scm": "sCM from scratch: 1-step quality improves ~1.5x, not 2x, in 300 steps"}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [
-    pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN_SHORT[m], strict=True))
-    if m in KNOWN_SHORT else m for m in sorted(STEPS)])
+@pytest.mark.parametrize("method", sorted(STEPS))
 def test_short_run_improves_one_step_samples(method):
     """The initial students are far from the mixture (a zero output layer: a point mass, or
     the prior itself for a flow map), so a working method must at least halve the distance;
