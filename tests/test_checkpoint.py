@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,7 @@ def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert ck.load_checkpoint(tmp_path).step == 10
 
     # A process killed mid-write leaves a hidden temp dir: ignored, then cleaned by the next save.
-    (tmp_path / ".tmp_step_000030_dead").mkdir()
+    (tmp_path / ".tmp_step_000030_deadbeef").mkdir()
     assert ck.find_latest(tmp_path) == first
     _save(tmp_path, 40, net, ema, opt)
     assert not list(tmp_path.glob(".tmp_*"))
@@ -202,3 +203,51 @@ def test_no_pickle_anywhere(tmp_path, monkeypatch):
         assert head != b"\x80\x04" and head != b"\x80\x02", f"{f.name} looks pickled"
     source = Path(ck.__file__).read_text()
     assert "import pickle" not in source and "torch.load(" not in source
+
+
+def test_load_weights_names_the_file_the_tensor_and_the_shapes():
+    """Weights that do not fit the module: one-line UserErrors instead of load_state_dict's
+    multi-line RuntimeError, and non-finite values refused."""
+    net = nn.Linear(3, 2)
+    good = {k: v.clone() for k, v in net.state_dict().items()}
+    cases = [
+        ({**good, "weight": torch.zeros(2, 4)}, "tensor 'weight' has shape [2, 4], the network "
+                                                "expects [2, 3]"),
+        ({"weight": good["weight"]}, "lacks tensor 'bias' (shape [2])"),
+        ({**good, "extra": torch.zeros(1)}, "holds tensor 'extra' (shape [1])"),
+        ({**good, "bias": torch.tensor([0.0, float("nan")])}, "tensor 'bias' holds 1 NaN/inf"),
+        ({**good, "weight": torch.full((2, 3), float("inf"))}, "holds 6 NaN/inf"),
+    ]
+    for state, needle in cases:
+        with pytest.raises(UserError) as e:
+            ck.load_weights(net, state, "run/step_000001/ema.safetensors")
+        msg = str(e.value)
+        assert "'run/step_000001/ema.safetensors'" in msg and needle in msg and "\n" not in msg
+    ck.load_weights(net, {k: v + 1 for k, v in good.items()}, "file")
+    assert torch.equal(net.bias, good["bias"] + 1)
+    ck.check_finite({"step": torch.tensor(3), "x": torch.ones(2)}, "file")  # ints: nothing to check
+
+
+def test_clean_temporaries_touches_only_this_layouts_names(tmp_path):
+    """A killed write's ``.tmp_step_*`` / ``.latest.*.tmp`` go; a ``.tmp_old_*`` copy whose step
+    directory is missing (killed between the two renames of a re-save) comes back; other names
+    stay."""
+    net, ema, opt = _trained_parts()
+    _save(tmp_path, 10, net, ema, opt)
+    (tmp_path / ".tmp_step_000020_0123abcd").mkdir()
+    (tmp_path / ".latest.89abcdef.tmp").write_text("step_000020\n")
+    (tmp_path / ".tmp_old_step_000010_fedcba98").mkdir()  # step_000010 exists: a stale copy
+    # step_000030 is missing: this complete copy is what a killed re-save left, restore it
+    shutil.copytree(tmp_path / "step_000010", tmp_path / ".tmp_old_step_000030_00000000")
+    keep = [".tmp_step_x", ".tmp_step_000020_dead", ".tmp_notes", "my.tmp"]
+    for name in keep:
+        (tmp_path / name).mkdir()
+    removed = ck.clean_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".latest.89abcdef.tmp",
+                                               ".tmp_old_step_000010_fedcba98",
+                                               ".tmp_step_000020_0123abcd"]
+    assert (tmp_path / "step_000030" / "state.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*keep, "latest", "step_000010", "step_000030"])
+    assert ck.find_latest(tmp_path).name == "step_000010"  # the pointer still rules
+    assert ck.clean_temporaries(tmp_path / "missing") == []

@@ -306,3 +306,8 @@ def test_dataset_validation():
     assert b["x"].shape == (2, 2) and b["cond"].tolist() == [0, 1]
     with pytest.raises(ValueError, match="image data"):
         ds.to_uint8(ds.x)
+
+
+def test_a_2d_set_too_large_for_the_machine_is_refused_before_it_is_drawn():
+    with pytest.raises(UserError, match=r"n=1000000000000 needs about 64\.0 TB of memory"):
+        data.load_dataset("moons", n=10**12)

@@ -50,6 +50,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "find_latest",
+    "clean_temporaries",
+    "load_weights",
+    "check_finite",
     "list_checkpoints",
     "step_dir_name",
     "capture_rng",
@@ -78,6 +81,7 @@ class Checkpoint:
     ema: dict[str, torch.Tensor] | None = None
     optimizer: dict | None = None
     state: dict = field(default_factory=dict)  # the whole state.json
+    objective: dict | None = None  # an objective's own state (a target net, a second optimizer)
 
     @property
     def config(self) -> dict:
@@ -249,6 +253,40 @@ def find_latest(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
+#: what a checkpoint write creates before its final rename: ``.tmp_step_NNNNNN_<8 hex>`` (the
+#: checkpoint being written), ``.tmp_old_step_NNNNNN_<8 hex>`` (the previous copy of a step being
+#: re-saved) and ``.latest.<8 hex>.tmp`` (the pointer being replaced, see tiltflow.fileio)
+_TMP_DIR_RE = re.compile(r"^\.tmp_(old_)?(step_\d+)_[0-9a-f]{8}$")
+_TMP_POINTER_RE = re.compile(r"^\.latest\.[0-9a-f]{8}\.tmp$")
+
+
+def clean_temporaries(run_dir) -> list[Path]:
+    """Remove what checkpoint writes killed midway left in ``run_dir``; return the removed paths.
+
+    Only names this layout creates are touched (see ``_TMP_DIR_RE``), nothing else in the run
+    directory. A ``.tmp_old_`` copy whose ``step_NNNNNN`` directory is missing (a re-save killed
+    between its two renames) is renamed back instead, so no complete checkpoint is lost. Called
+    by every :func:`save_checkpoint` and when training starts (one writer per run directory)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for p in sorted(run_dir.iterdir()):  # ".tmp_old_*" sorts before ".tmp_step_*"
+        m = _TMP_DIR_RE.match(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            if m.group(1) and not (run_dir / m.group(2)).exists():
+                os.rename(p, run_dir / m.group(2))
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif _TMP_POINTER_RE.match(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        fsync_dir(run_dir)
+    return removed
+
+
 def save_checkpoint(
     run_dir,
     step: int,
@@ -262,20 +300,23 @@ def save_checkpoint(
     metrics: dict | None = None,
     extra: dict | None = None,
     keep: int | None = 3,
+    objective: dict | None = None,
 ) -> Path:
     """Write ``run_dir/step_NNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``.
 
     ``model`` / ``ema``: an ``nn.Module`` or a state dict. ``optimizer``: a
     ``torch.optim.Optimizer`` or its state dict. ``rng``: e.g. ``{"global": capture_rng(),
     "objective": generator_state(gen)}``; ``data_position``: ``{"epoch", "index", "seed"}``;
-    ``config``/``metrics``/``extra``: JSON-able dicts. Returns the checkpoint's path.
+    ``config``/``metrics``/``extra``: JSON-able dicts. ``objective``: what an objective
+    keeps between steps (a consistency model's EMA target, a fake-score network and its
+    optimizer), its ``state_dict()``: nested dicts / lists of tensors and JSON-able values.
+    Returns the checkpoint's path.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     final = run_dir / name
-    for stale in run_dir.glob(".tmp_step_*"):  # left by a process killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_temporaries(run_dir)  # left by a process killed mid-write
     tmp = run_dir / f".tmp_{name}_{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -284,6 +325,12 @@ def save_checkpoint(
         if ema is not None:
             hashes["ema.safetensors"] = _write_file(
                 tmp / "ema.safetensors", _tensor_bytes(_state_dict(ema), "ema"))
+        if objective:
+            tensors, skeleton = flatten_state(objective)
+            hashes["objective.safetensors"] = _write_file(
+                tmp / "objective.safetensors", _tensor_bytes(tensors, "objective"))
+            hashes["objective.json"] = _write_file(
+                tmp / "objective.json", json.dumps(skeleton).encode())
         if optimizer is not None:
             osd = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
             tensors, skeleton = flatten_state(osd)
@@ -312,6 +359,10 @@ def save_checkpoint(
         else:
             os.rename(tmp, final)
         fsync_dir(run_dir)
+    except OSError as e:  # name the checkpoint, not the temporary directory that is gone now
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"{e.strerror or e} (writing checkpoint {name})",
+                      str(run_dir)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -340,6 +391,51 @@ def _write_pointer(run_dir: Path, name: str) -> None:
 
 
 # -- loading -----------------------------------------------------------------------------------
+
+_REBUILD = ("the weights belong to another network than the run config describes; restore the "
+            "run's own files or retrain")
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source) -> None:
+    """Refuse tensors holding NaN or inf, naming ``source`` (the file) and the first bad tensor:
+    training never saves a non-finite state, so such a file is damaged and would silently give
+    NaN samples."""
+    for key, value in tensors.items():
+        if torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                raise UserError(f"{str(source)!r}: tensor {key!r} holds {int(bad.sum())} NaN/inf "
+                                f"value(s) of {value.numel()}; the file is damaged: use an "
+                                "earlier step_NNNNNN directory or retrain")
+
+
+def load_weights(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source) -> None:
+    """Load ``state`` into ``module`` after checking that it fits: the same tensor names, the
+    same shapes, finite values. A mismatch is a one-line :class:`UserError` naming ``source``
+    (the file), the tensor, and the expected vs the stored shape, instead of
+    ``load_state_dict``'s multi-line RuntimeError."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        k = missing[0]
+        raise UserError(f"{str(source)!r} lacks tensor {k!r} (shape {list(expected[k].shape)})"
+                        f"{_more(missing)}; {_REBUILD}")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        k = extra[0]
+        raise UserError(f"{str(source)!r} holds tensor {k!r} (shape {list(state[k].shape)}) that "
+                        f"the network does not have{_more(extra)}; {_REBUILD}")
+    for k, value in state.items():
+        if tuple(value.shape) != tuple(expected[k].shape):
+            raise UserError(f"{str(source)!r}: tensor {k!r} has shape {list(value.shape)}, the "
+                            f"network expects {list(expected[k].shape)}; {_REBUILD}")
+    check_finite(state, source)
+    module.load_state_dict(state)
+
 
 def _resolve(path) -> Path:
     path = Path(path)
@@ -396,6 +492,16 @@ def load_checkpoint(path) -> Checkpoint:
     ema = None
     if "ema.safetensors" in hashes or (ckpt_dir / "ema.safetensors").exists():
         ema = _load_tensors(ckpt_dir / "ema.safetensors", hashes.get("ema.safetensors"))
+    objective = None
+    if "objective.json" in hashes:
+        tensors = _load_tensors(ckpt_dir / "objective.safetensors",
+                                hashes.get("objective.safetensors"))
+        text = _read(ckpt_dir / "objective.json", hashes["objective.json"])
+        try:
+            objective = unflatten_state(json.loads(text), tensors)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"checkpoint file {str(ckpt_dir / 'objective.json')!r} is corrupt "
+                            f"({e}); resume from an earlier step directory") from None
     optimizer = None
     if "optimizer.json" in hashes or (ckpt_dir / "optimizer.json").exists():
         tensors = _load_tensors(ckpt_dir / "optimizer.safetensors",
@@ -407,4 +513,4 @@ def load_checkpoint(path) -> Checkpoint:
             raise UserError(f"checkpoint file {str(ckpt_dir / 'optimizer.json')!r} is corrupt "
                             f"({e}); resume from an earlier step directory") from None
     return Checkpoint(path=ckpt_dir, step=int(state["step"]), model=model, ema=ema,
-                      optimizer=optimizer, state=state)
+                      optimizer=optimizer, state=state, objective=objective)

@@ -195,8 +195,17 @@ def parse_options(items: Iterable[str], example: str = "eta=0.5") -> dict:
         if "=" not in item:
             raise UserError(f"--option {item!r} is not KEY=VALUE (e.g. --option {example})")
         key, value = item.split("=", 1)
-        options[key.strip()] = parse_value(value)
+        options[key.strip()] = _no_nan(key.strip(), parse_value(value), "--option")
     return options
+
+
+def _no_nan(key: str, value, where: str):
+    """A command-line value that is NaN (anywhere in a list) is refused: no setting means NaN,
+    and it would silently poison every number it touches (inf stays allowed: s_tmax=inf)."""
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(v, float) and math.isnan(v) for v in items):
+        raise UserError(f"{where} {key}={value!r}: NaN is not a valid value; give a number")
+    return value
 
 
 def _fix_numbers(obj):
@@ -223,7 +232,7 @@ def apply_overrides(cfg: dict, overrides: Iterable[str], sections=SECTIONS) -> d
         parts = key.split(".")
         if not all(parts):
             raise UserError(f"override key {key!r} is malformed; write e.g. train.lr=3e-4")
-        value = parse_value(text)
+        value = _no_nan(key, parse_value(text), "override")
         if parts[0] not in sections:
             raise UserError(_unknown_key_message(parts[0], list(sections)))
         if parts[0] == "train":

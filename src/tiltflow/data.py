@@ -233,6 +233,10 @@ def make_2d(name: str, n: int = DEFAULT_N_2D, seed: int = 0) -> torch.Tensor:
     if name not in _SAMPLERS:
         raise UserError(f"unknown 2-D dataset {name!r}; choose one of {list(TWO_D)}")
     _check_n(n)
+    from .memory import check_fits
+
+    # the points, their noise and the samplers' temporaries: about 8 float32 copies of [n, 2]
+    check_fits(int(n) * 2 * 4 * 8, f"the 2-D dataset {name!r} with n={n}", "lower data.n")
     return _SAMPLERS[name](int(n), torch.Generator().manual_seed(int(seed)))
 
 

@@ -45,6 +45,9 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     try:
         write_synced(tmp, data)
         os.replace(tmp, path)
+    except OSError as e:  # name the file the caller asked for, not the vanished temporary
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -3,6 +3,7 @@ that writes one every ``sample_every`` steps."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -10,16 +11,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fileio import atomic_write_bytes
+
 __all__ = ["save_grid", "grid_callback"]
 
 
 def save_grid(samples: torch.Tensor, path, *, nrow: int | None = None, title: str | None = None):
     """Save samples as a PNG with matplotlib: images ``[B, C, H, W]`` in ``[-1, 1]`` as a grid,
-    2-D points ``[B, 2]`` as a scatter plot. Returns the path."""
+    2-D points ``[B, 2]`` as a scatter plot. Written atomically (a failed write leaves no
+    partial file). Returns the path."""
     from matplotlib.figure import Figure
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     s = samples.detach().float().cpu()
     fig = Figure(figsize=(5, 5), dpi=100)
     ax = fig.add_subplot()
@@ -43,8 +46,9 @@ def save_grid(samples: torch.Tensor, path, *, nrow: int | None = None, title: st
                          f"got shape {tuple(s.shape)}")
     if title:
         ax.set_title(title)
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def grid_callback(make_samples: Callable, *, name: str = "samples",

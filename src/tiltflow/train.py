@@ -35,6 +35,9 @@ Choices worth knowing:
 - Mixed precision (bf16/fp16 autocast via accelerate) and ``torch.compile`` are GPU-only; on CPU
   they are turned off with a one-line note.
 - Only the model's parameters are trained (an objective's own modules, e.g. a teacher, are not).
+  An objective that keeps tensors between steps (a consistency model's EMA target) exposes
+  ``state_dict()`` / ``load_state_dict()``; they go into every checkpoint and come back on
+  resume, so a resumed distillation is bit-identical too.
 """
 
 from __future__ import annotations
@@ -57,9 +60,13 @@ from torch import nn
 
 from .checkpoint import (
     capture_rng,
+    check_finite,
+    clean_temporaries,
     find_latest,
+    flatten_state,
     generator_state,
     load_checkpoint,
+    load_weights,
     restore_rng,
     save_checkpoint,
     set_generator_state,
@@ -300,6 +307,103 @@ def _model_config(model, net, objective, cfg: TrainConfig, world: int, meta) -> 
                       "denoiser": den, "objective": obj, "world_size": world, "run": meta})
 
 
+# -- checks before the first step --------------------------------------------------------------
+
+#: entries of a checkpoint's config that define the network and the data: a resume that changes
+#: them would train another model on top of this one's weights
+RESUME_KEYS = ("run.config.data", "run.data", "dataset", "model", "denoiser", "objective")
+_ABSENT = object()
+
+
+def _lookup(tree, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def _differences(old, new, path: str) -> list[str]:
+    """``"key: old -> new"`` for each dotted key whose value differs between two JSON trees.
+    A key present on one side only is skipped: a newer tiltflow may add a key with its default.
+    A bare name equals ``{name: ...}`` (``data=moons`` vs ``data: {name: moons}``)."""
+    if isinstance(old, str) and isinstance(new, dict):
+        old = {"name": old}
+    if isinstance(new, str) and isinstance(old, dict):
+        new = {"name": new}
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in old if k in new for d in _differences(old[k], new[k], f"{path}.{k}")]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def config_changes(saved: dict, new: dict, keys=RESUME_KEYS) -> list[str]:
+    """What changed between a checkpoint's config and the one of this call, in ``keys``."""
+    changes = []
+    for key in keys:
+        old, now = _lookup(saved, key), _lookup(new, key)
+        if old is not _ABSENT and now is not _ABSENT:
+            changes += _differences(old, now, key)
+    return changes
+
+
+def _check_resume_config(ckpt, train_config: dict, allow: bool, is_main: bool) -> None:
+    """Refuse to resume a checkpoint whose model or data differ from this call's (naming the
+    keys), unless ``allow``: continuing silently would give a model of neither config."""
+    changes = config_changes(ckpt.config, train_config)
+    if not changes:
+        return
+    listed = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+    if not allow:
+        raise UserError(f"cannot resume {ckpt.path}: it was trained with another model or data "
+                        f"({listed}); resume with its own config, train into another "
+                        "train.out_dir, or pass --allow-config-change (train(..., "
+                        "allow_config_change=True)) to continue anyway")
+    if is_main:
+        log.warning("note: resuming with a changed model or data (%s)", listed)
+
+
+#: the per-step loss and gradient norm kept in TrainResult: two Python floats and their slots
+_HISTORY_BYTES_PER_STEP = 64
+
+
+def _activation_sum(model, x_all, cond_all) -> float:
+    """Per-example activation bytes of one model call (kept for the backward pass); 0 when the
+    probe call fails (an unusual model): the estimate then counts weights and history only."""
+    from .memory import denoiser_activation_bytes
+
+    try:
+        return denoiser_activation_bytes(model, tuple(x_all.shape[1:]),
+                                         1 if cond_all is not None else 0)[0]
+    except Exception:  # an estimate must never stop a run the real loop could do
+        return 0.0
+
+
+def _check_training_fits(model, net, x_all, cond_all, cfg: TrainConfig, step: int,
+                         device) -> None:
+    """Refuse, before the optimizer, EMA and data are allocated, a run that cannot fit: the
+    weights with their gradients, Adam moments and EMA, a batch's activations (on ``device``)
+    and the per-step loss history of ``train.steps`` (in host memory)."""
+    from .memory import check_fits
+
+    params = sum(p.numel() for p in net.parameters())
+    elem = next(net.parameters()).element_size()
+    example = math.prod(x_all.shape[1:]) * x_all.element_size()
+    on_device = {
+        "the weights with their gradients, Adam moments and EMA": params * (4 * elem + 4),
+        f"the activations of a batch of {cfg.batch_size}":
+            cfg.batch_size * (2 * _activation_sum(model, x_all, cond_all) + 4 * example + 16)}
+    history = {f"the loss history of {cfg.steps - step} steps":
+               max(cfg.steps - step, 0) * _HISTORY_BYTES_PER_STEP}
+    what = (f"training ({params:,} parameters, train.batch_size={cfg.batch_size}, "
+            f"train.steps={cfg.steps})")
+    fix = "lower train.batch_size or train.steps, or make the model smaller"
+    if torch.device(device).type == "cpu":
+        on_device.update(history)
+    else:
+        check_fits(sum(history.values()), what, fix, parts=history)
+    check_fits(sum(on_device.values()), what, fix, device=device, parts=on_device)
+
+
 # -- the loop ----------------------------------------------------------------------------------
 
 def train(
@@ -312,6 +416,7 @@ def train(
     callbacks: Sequence[Callable[[StepInfo], None]] | None = None,
     accelerator=None,
     meta: dict | None = None,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Train ``model.net`` (a :class:`~tiltflow.Denoiser`'s network) on ``objective``.
 
@@ -321,6 +426,9 @@ def train(
     ``callbacks`` are called as ``cb(StepInfo)`` every ``sample_every`` steps on the main
     process (the global RNG is restored afterwards, so they do not change the run). ``meta``:
     JSON-able description of the run (e.g. the whole YAML config), stored in every checkpoint.
+    A resume whose model or data differ from the checkpoint's (:data:`RESUME_KEYS`) is refused,
+    naming the keys, unless ``allow_config_change``. Before the first step, stale temporaries of
+    killed checkpoint writes are removed and a run that cannot fit in memory is refused.
 
     Raises :class:`TrainingDiverged` on NaN/inf and :class:`TrainingInterrupted` on SIGINT/SIGTERM
     (both after leaving a good checkpoint on disk).
@@ -342,6 +450,9 @@ def train(
     local = cfg.batch_size // world
     run_dir = Path(cfg.out_dir)
 
+    if is_main:
+        clean_temporaries(run_dir)  # left by a checkpoint write killed midway
+
     # Where to start: a checkpoint or scratch (never silently on top of another run).
     ckpt = None
     if resume is not False and resume is not None:
@@ -355,6 +466,11 @@ def train(
     elif find_latest(run_dir) is not None:
         raise UserError(f"{run_dir} already holds checkpoints (latest: {find_latest(run_dir)}); "
                         "pass resume=True to continue that run or choose another out_dir")
+    train_config = _model_config(model, net, objective, cfg, world, meta)
+    train_config["dataset"] = {"examples": int(x_all.shape[0]), "shape": list(x_all.shape[1:])}
+    if ckpt is not None:
+        _check_resume_config(ckpt, train_config, allow_config_change, is_main)
+    _check_training_fits(model, net, x_all, cond_all, cfg, ckpt.step if ckpt else 0, device)
 
     net.to(device)
     net.train()
@@ -364,10 +480,14 @@ def train(
     step = 0
     order = None
     if ckpt is not None:
+        load_weights(net, ckpt.model, ckpt.path / "model.safetensors")
+        if ckpt.optimizer is not None:
+            check_finite(flatten_state(ckpt.optimizer)[0], ckpt.path / "optimizer.safetensors")
         try:
-            net.load_state_dict(ckpt.model)
             if ckpt.optimizer is not None:
                 optimizer.load_state_dict(ckpt.optimizer)
+            if ckpt.objective is not None and hasattr(objective, "load_state_dict"):
+                objective.load_state_dict(ckpt.objective)
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"checkpoint {ckpt.path} does not fit this model/optimizer "
                             f"({str(e).splitlines()[0]}); build the same network as that run"
@@ -385,8 +505,13 @@ def train(
             order = DataOrder(x_all.shape[0], cfg.seed, pos.get("epoch", 0), pos.get("index", 0))
         per_rank = (ckpt.rng or {}).get("per_rank") or []
         if len(per_rank) == world:
-            restore_rng(per_rank[rank]["global"])
-            set_generator_state(gen, per_rank[rank]["objective"])
+            try:
+                restore_rng(per_rank[rank]["global"])
+                set_generator_state(gen, per_rank[rank]["objective"])
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+                raise UserError(f"{ckpt.path / 'state.json'}: its RNG state is damaged "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}"
+                                "); resume from an earlier step_NNNNNN directory") from None
         else:
             if is_main:
                 log.warning("note: checkpoint has RNG states for %d process(es), this run has "
@@ -404,7 +529,7 @@ def train(
     # EMA: a float32 copy of the whole Denoiser, never trained directly.
     ema = copy.deepcopy(model).float().eval().requires_grad_(False)
     if ckpt is not None and ckpt.ema is not None:
-        ema.net.load_state_dict(ckpt.ema)
+        load_weights(ema.net, ckpt.ema, ckpt.path / "ema.safetensors")
     params = [p for p in net.parameters()]
     if x_all.is_floating_point() and x_all.dtype != params[0].dtype:
         x_all = x_all.to(params[0].dtype)  # e.g. float64 samples from tiltflow.analytic
@@ -436,7 +561,6 @@ def train(
     backward = (lambda loss: loss.backward()) if direct else acc.backward
     clip = torch.nn.utils.clip_grad_norm_ if direct else acc.clip_grad_norm_
     step_optimizer = getattr(optimizer, "optimizer", optimizer) if direct else optimizer
-    train_config = _model_config(model, net, objective, cfg, world, meta)
 
     writer = pbar = None
     tb_dir = run_dir / "tensorboard"
@@ -518,7 +642,8 @@ def train(
                 run_dir, step, model=net, ema=ema.net, optimizer=optimizer,
                 rng={"world_size": world, "per_rank": per_rank},
                 data_position={**order.position(), "batch_size": cfg.batch_size},
-                config=train_config, metrics=metrics, keep=cfg.keep_checkpoints)
+                config=train_config, metrics=metrics, keep=cfg.keep_checkpoints,
+                objective=objective.state_dict() if hasattr(objective, "state_dict") else None)
         if world > 1:
             acc.wait_for_everyone()
         return path

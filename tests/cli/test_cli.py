@@ -112,10 +112,10 @@ def test_demo_quick_writes_a_report_with_every_section(tmp_path, capsys):
     code, out, err = run(["demo", "--quick", "--out", str(tmp_path / "demo")], capsys)
     assert code == 0, err
     html = (tmp_path / "demo" / "report.html").read_text()
-    for title in ("eight Gaussians", "digits", "solvers", "About this run"):
+    for title in ("eight Gaussians", "digits", "solvers", "Few-step", "About this run"):
         assert title in html
     for png in ("eight_gaussians_samples.png", "digits_samples.png", "digits_real.png",
-                "solvers_error_vs_nfe.png"):
+                "solvers_error_vs_nfe.png", "fewstep_samples.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 from ..errors import UserError
+from .common import check_output
 
 
 def add_parser(sub) -> None:
@@ -44,10 +46,13 @@ def run(args) -> int:
         if not torch.cuda.is_available() and "gpu" in names:
             print("bench all: skipping the gpu suite (no CUDA device here)")
             names.remove("gpu")
-    for name in names:
-        path = _find_suite(name)
+    paths = [_find_suite(name) for name in names]
+    for path in set(paths):  # every suite writes <its folder>/results/: checked before any runs
+        check_output(path.parent / "results", kind="dir", what="the benchmark results folder")
+    for name, path in zip(names, paths, strict=True):
         spec = importlib.util.spec_from_file_location(f"tiltflow_bench_{name}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # registered first: dataclasses look their module up
         spec.loader.exec_module(module)
         result = module.run(quick=args.quick)
         print(json.dumps({k: result[k] for k in ("suite", "seconds") if k in result}))

@@ -13,7 +13,15 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from .common import class_labels
+from .common import (
+    check_finite,
+    check_output,
+    check_solver_fits,
+    class_labels,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 
 _DEFAULT_BASE = {"bespoke": "midpoint", "bns": "ddim", "grid": "auto"}
 _DEFAULT_STEPS = {"bespoke": 400, "bns": 600, "grid": None}  # grid: fit_grid's, per method
@@ -25,8 +33,9 @@ def add_parser(subparsers) -> None:
         description="Learn solver parameters for ONE model and ONE NFE by matching a tight "
                     "reference solution on a few hundred noises; writes a .safetensors file.")
     p.add_argument("run", help="run directory or checkpoint directory (from `tiltflow train`)")
-    p.add_argument("--nfe", type=int, help="exact number of network evaluations (all kinds but "
-                                           "ems, whose statistics serve every NFE)")
+    p.add_argument("--nfe", type=positive_int,
+                   help="exact number of network evaluations (all kinds but ems, whose "
+                        "statistics serve every NFE)")
     p.add_argument("--kind", choices=["bespoke", "bns", "grid", "ems"], default="bespoke",
                    help="bespoke / bns solver, optimised grid, or DPM-Solver-v3's empirical "
                         "model statistics (use: --solver dpm_solver_v3 --option ems=FILE)")
@@ -45,36 +54,50 @@ def add_parser(subparsers) -> None:
                    help="bespoke only: rmse (endpoint RMSE to the reference, the default) or "
                         "bound (the paper's RMSE-bound: local errors along the ground-truth "
                         "path weighted by Lipschitz factors)")
-    p.add_argument("--lipschitz", type=float, default=None,
+    p.add_argument("--lipschitz", type=positive_float, default=None,
                    help="with --loss bound: the velocity's Lipschitz constant L of the bound "
                         "(default 1)")
-    p.add_argument("--num-noises", type=int, default=256, help="training noises (default 256)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--num-noises", type=positive_int, default=256,
+                   help="training noises (default 256)")
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="optimiser iterations (default: bespoke 400, bns 600, grid: 100 for "
                         "lbfgs, 800 for adam, 1500 solver runs for nelder_mead)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the training noises")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the training noises")
     p.add_argument("--label", type=int, default=None,
                    help="class label for conditional models (default: labels cycle over classes)")
     p.add_argument("--out", required=True, help="output file (.safetensors)")
     p.add_argument("--no-ema", action="store_true", help="fit on the raw weights, not the EMA")
 
 
-def _load(args):
-    """The run's denoiser in float64, the training noises, labels and a model description."""
-    import torch
-
-    from ..runs import load_trained
-
+def _check_out(args) -> Path:
+    """``--out`` and ``--num-noises``, checked before the model loads or anything is fitted."""
     if args.num_noises < 2:
         raise UserError(f"--num-noises must be >= 2, got {args.num_noises}")
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors, got {str(out)!r}")
+    return check_output(out)
+
+
+def _load(args, out: Path, steps: int, kept_evaluations: int):
+    """The run's denoiser in float64, the training noises, labels and a model description;
+    refuses first a request that cannot fit in memory (``steps`` of the solves, the
+    ``kept_evaluations`` whose activations the fit backpropagates through)."""
+    import torch
+
+    from ..runs import load_trained
+
     trained = load_trained(args.run, use_ema=not args.no_ema)
     info = trained.data
+    if args.label is not None and not info["num_classes"]:
+        raise UserError("--label given but this model is unconditional")
     # float64 throughout: the reference solution is a float64 solve (the fitted parameters do
     # not depend on the dtype the solver later runs in)
     den = trained.denoiser.double()
+    check_solver_fits(den, info["shape"], args.num_noises, steps,
+                      what=f"fitting on --num-noises {args.num_noises}",
+                      fix="lower --num-noises or --nfe", num_classes=info["num_classes"],
+                      kept_evaluations=kept_evaluations)
     gen = torch.Generator().manual_seed(args.seed)
     noises = torch.randn((args.num_noises, *info["shape"]), generator=gen, dtype=torch.float64)
     cond = None
@@ -90,9 +113,11 @@ def _load(args):
 def _run_ems(args) -> int:
     from ..solvers import dpm_v3
 
-    den, noises, cond, model, out = _load(args)
+    out = _check_out(args)
+    den, noises, cond, model, out = _load(args, out, steps=161, kept_evaluations=0)
     print(f"computing DPM-Solver-v3 statistics on {len(noises)} trajectories ...")
     ems = dpm_v3.compute_ems(den, noises, cond=cond, seed=args.seed)
+    _check_fitted({"l": ems.l, "s": ems.s, "b": ems.b}, "the model statistics")
     ems.info = {**(ems.info or {}), "model": model}
     ems.save(out)
     print(f"wrote {out}: sample with --solver dpm_solver_v3 --option ems={out}")
@@ -137,7 +162,8 @@ def run(args) -> int:
         grid_kw = _grid_args(args, base)
     else:
         get_solver(base).steps_for_nfe(args.nfe)  # clear error for an impossible NFE
-    den, noises, cond, model, out = _load(args)
+    out = _check_out(args)
+    den, noises, cond, model, out = _load(args, out, steps=args.nfe, kept_evaluations=args.nfe)
     print(f"computing the reference solution for {args.num_noises} noises ...")
     x_init = B.start_state(den, noises)
     ref = reference_solve(den, x_init, cond=cond).to(x_init.dtype)
@@ -151,6 +177,7 @@ def run(args) -> int:
                                      **common)
     else:
         fitted = B.BNSSolver.fit(den, args.nfe, base, steps=steps, **common)
+    _check_fitted(fitted._tensors(), "the fitted parameters")
     fitted.save(out)
     fit = fitted.fit_info
     init = f" (start {fit['init_rmse']:.4g})" if "init_rmse" in fit else ""
@@ -158,6 +185,13 @@ def run(args) -> int:
     print(f"wrote {out}: {args.kind} solver, nfe={args.nfe}, base={base}{how}; training "
           f"endpoint RMSE {fit['train_rmse']:.4g}{init}, {fit['seconds']:.1f} s")
     return 0
+
+
+def _check_fitted(tensors: dict, what: str) -> None:
+    """Nothing non-finite is written: a diverged fit is an error, not a NaN file."""
+    for name, value in tensors.items():
+        check_finite(value.detach(), f"{what} ({name})", "the fit diverged: try fewer --steps, "
+                                                        "another --base or more --num-noises")
 
 
 def _grid_args(args, base: str) -> dict:

@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import UserError
+from .common import check_output
+
 
 def add_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model from a YAML config (+ key=value overrides)",
@@ -16,10 +19,14 @@ def add_parser(sub) -> None:
     t.add_argument("overrides", nargs="*", help="key=value overrides")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     t.add_argument("--out", help="run directory (same as train.out_dir=...)")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue even though the model or data config differs "
+                        "from the checkpoint's (the result matches neither config)")
 
 
 def run(args) -> int:
     from .. import config as config_mod
+    from ..checkpoint import find_latest
     from ..plots import grid_callback
     from ..train import TrainingInterrupted
     from ..train import train as run_train
@@ -31,17 +38,24 @@ def run(args) -> int:
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     cfg = config_mod.load_config(args.config, overrides)
+    tcfg = config_mod.TrainConfig.from_dict(cfg["train"])
+    if args.allow_config_change and not args.resume:
+        raise UserError("--allow-config-change only applies with --resume")
+    # before the data loads: a run directory that cannot be written fails now, and one this
+    # command creates is removed again if training fails before its first checkpoint
+    check_output(tcfg.out_dir, kind="dir", what="train.out_dir",
+                 keep_if=lambda path: find_latest(path) is not None)
     from ..runs import build_run, data_info
 
     dataset, den, objective = build_run(cfg)
-    tcfg = config_mod.TrainConfig.from_dict(cfg["train"])
     callbacks = []
     if tcfg.sample_every:
         callbacks.append(grid_callback(_preview_sampler(dataset, cfg)))
     meta = {"config": cfg, "data": data_info(dataset)}
     try:
         result = run_train(den, objective, dataset, tcfg, resume=args.resume,
-                           callbacks=callbacks, meta=meta)
+                           callbacks=callbacks, meta=meta,
+                           allow_config_change=args.allow_config_change)
     except TrainingInterrupted as e:
         print(f"tiltflow: {e}", file=sys.stderr)
         return 130

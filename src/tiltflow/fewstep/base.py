@@ -347,7 +347,10 @@ def is_student(path) -> bool:
         state = json.loads((_resolve(_student_path(path)) / "state.json").read_text())
     except (UserError, OSError, ValueError):
         return False
-    return bool(((state.get("config") or {}).get("run") or {}).get("fewstep"))
+    if not isinstance(state, dict):
+        return False  # a damaged state.json: the run loader reports it
+    run = (state.get("config") or {}).get("run") if isinstance(state.get("config"), dict) else None
+    return isinstance(run, dict) and bool(run.get("fewstep"))
 
 
 def load(path, use_ema: bool = True) -> Student:

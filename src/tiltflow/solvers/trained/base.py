@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def check_noises(noises) -> None:
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
+    """A tqdm bar on a terminal (as training's); none in a log file, where its redraws would
+    bury the messages, e.g. a one-line error after the fit."""
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 
