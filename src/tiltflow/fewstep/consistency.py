@@ -305,6 +305,17 @@ def _student(job, model) -> Student:
                    {"times": cfg["sample_times"], "t_max": t_max})
 
 
+def _distillation_loss(job, model, **extra) -> ConsistencyLoss:
+    """The consistency-distillation objective of CD, PCM and LCM from the job's config, with an
+    EMA target starting as the student."""
+    cfg = job.config
+    return ConsistencyLoss(frozen(model), teacher=job.teacher, solver=cfg["solver"],
+                           scales=cfg["scales"], target_ema=cfg["target_ema"],
+                           distance=cfg["distance"], huber_c=cfg["huber_c"],
+                           level_min=cfg["level_min"], level_max=cfg["level_max"],
+                           total_steps=cfg["steps"], **extra)
+
+
 _SHARED = {"max_nfe": 8, "sample_times": None, "level_min": 2e-3, "level_max": 80.0,
            "huber_c": None}
 
@@ -314,14 +325,8 @@ _SHARED = {"max_nfe": 8, "sample_times": None, "level_min": 2e-3, "level_max": 8
     "lr": 1e-4})
 def consistency_distillation(job) -> Student:
     """Consistency distillation: any tiltflow solver as the teacher's step, an EMA target."""
-    cfg = job.config
     model = consistency_student(job)
-    loss = ConsistencyLoss(frozen(model), teacher=job.teacher, solver=cfg["solver"],
-                           scales=cfg["scales"], target_ema=cfg["target_ema"],
-                           distance=cfg["distance"], huber_c=cfg["huber_c"],
-                           level_min=cfg["level_min"], level_max=cfg["level_max"],
-                           total_steps=cfg["steps"])
-    return fit(job, _student(job, model), loss, job.teacher_data())
+    return fit(job, _student(job, model), _distillation_loss(job, model), job.teacher_data())
 
 
 @register("consistency_training", needs_data=True, defaults={
@@ -371,11 +376,7 @@ def phased_consistency_distillation(job) -> Student:
     """Phased consistency distillation (PCM): one consistency map per phase, DDIM across."""
     cfg = job.config
     model = consistency_student(job)
-    loss = ConsistencyLoss(frozen(model), teacher=job.teacher, solver=cfg["solver"],
-                           scales=cfg["scales"], target_ema=cfg["target_ema"],
-                           distance=cfg["distance"], huber_c=cfg["huber_c"],
-                           level_max=cfg["level_max"], total_steps=cfg["steps"],
-                           phases=cfg["phases"])
+    loss = _distillation_loss(job, model, phases=cfg["phases"])
     edges = loss.edges(model.schedule).tolist()
     student = Student(model, job.method.name, "solver", (cfg["phases"], cfg["phases"]),
                       {"solver": "ddim", "grid": edges})
@@ -392,11 +393,7 @@ def latent_consistency_distillation(job) -> Student:
         raise UserError("latent_consistency_distillation needs a class-conditional teacher and "
                         "labels (give data with cond, or config num_classes)")
     model = consistency_student(job, guided=True)
-    loss = ConsistencyLoss(frozen(model), teacher=job.teacher, solver=cfg["solver"],
-                           scales=cfg["scales"], target_ema=cfg["target_ema"],
-                           distance=cfg["distance"], huber_c=cfg["huber_c"],
-                           level_min=cfg["level_min"], level_max=cfg["level_max"],
-                           total_steps=cfg["steps"], guidance=(cfg["w_min"], cfg["w_max"]))
+    loss = _distillation_loss(job, model, guidance=(cfg["w_min"], cfg["w_max"]))
     student = _student(job, model)
     student.options["guidance"] = cfg["guidance"]
     return fit(job, student, loss, job.teacher_data())
