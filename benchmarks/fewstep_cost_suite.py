@@ -151,7 +151,7 @@ METHODS = {
     "shortcut": {}, "meanflow": {"jvp": "func"}, "meanflow (finite differences)":
         {"jvp": "finite_difference"}, "mmd": {"nfe": 1}, "mmd (2 steps)": {"nfe": 2},
     "dmd": {"regression_pairs": 256, "fake_warmup": 0}, "vsd": {"fake_warmup": 0},
-    "sid": {"fake_warmup": 0},
+    "sid": {"fake_warmup": 0}, "scm": {},
 }
 
 
