@@ -5,18 +5,13 @@ import sys
 
 import numpy as np
 import pytest
+from cli_run import run
 
 from tiltflow.cli import main
 
 TINY = ["data=eight_gaussians", "data.n=512", "model.hidden=32", "model.depth=1",
         "train.steps=6", "train.batch_size=64", "train.log_every=2", "train.ckpt_every=3",
         "train.warmup_steps=0"]
-
-
-def run(args, capsys):
-    code = main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+from cli_run import run
 
 from tiltflow.cli import main
 
@@ -10,12 +11,6 @@ TINY = ["data=eight_gaussians", "data.n=512", "model.hidden=32", "model.depth=1"
         "train.steps=4", "train.batch_size=64", "train.log_every=2", "train.warmup_steps=0"]
 FAST = ["--set", "steps=4", "--set", "batch_size=32", "--set", "num_data=64",
         "--set", "log_every=2", "--set", "teacher_nfe=5"]
-
-
-def run(args, capsys):
-    code = main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

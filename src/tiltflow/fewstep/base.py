@@ -125,7 +125,7 @@ class Job:
             return self.data
         path = self.out_dir / "teacher_samples.pt"
         if path.exists():
-            return torch.load(path)
+            return torch.load(path, weights_only=True)
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg["seed"] + 7919)
         noise = torch.randn((cfg["num_data"], *self.shape), generator=gen)

@@ -23,6 +23,7 @@ conditional velocity is ``alpha'(t) x + sigma'(t) z`` (``z - x`` for rectified f
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -32,6 +33,8 @@ from .base import fit, make_student, noisy, per_example, rand, randn_like, regis
 from .student import Student
 
 __all__ = ["ShortcutLoss", "MeanFlowLoss"]
+
+log = logging.getLogger("tiltflow.fewstep")
 
 
 def _velocity_target(c, x, z):
@@ -133,7 +136,10 @@ class MeanFlowLoss:
             except (RuntimeError, NotImplementedError):
                 if self.jvp == "func":
                     raise
-                self.jvp = "finite_difference"  # this network has no forward-mode rule
+                # a designed fallback, not a stub: this network has no forward-mode rule
+                log.warning("note: torch.func.jvp is not supported by this network; MeanFlow "
+                            "uses central finite differences from now on")
+                self.jvp = "finite_difference"
         h = self.fd_step
         with torch.no_grad():
             dudt = (u_of(z_t + h * v, t + h) - u_of(z_t - h * v, t - h)) / (2 * h)

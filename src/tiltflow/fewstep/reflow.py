@@ -81,7 +81,7 @@ def generate_pairs(teacher, shape, num: int, cfg: dict, directory: Path, num_cla
         torch.save({"z": z, "x": x, "cond": cond}, tmp)
         tmp.replace(path)  # a chunk is there whole or not at all
     state.wait_for_everyone()
-    parts = [torch.load(directory / f"chunk_{i:05d}.pt") for i in chunks]
+    parts = [torch.load(directory / f"chunk_{i:05d}.pt", weights_only=True) for i in chunks]
     pairs = torch.cat([torch.stack([p["z"], p["x"]], dim=1) for p in parts])
     cond = torch.cat([p["cond"] for p in parts]) if num_classes else None
     return {"x": pairs, "cond": cond}
